@@ -1,0 +1,1 @@
+"""Import and export of PyTorch (HF-style) LLaVA / LLaVA-HR / γ-MoD weights."""

@@ -1,0 +1,158 @@
+"""Typed, hashable model configurations.
+
+ml-collections files in `configs/` describe a run; the model part is turned into
+these frozen dataclasses (`MLLMConfig.from_dict(cfg.model)`) so that modules can
+keep their config as static, hashable metadata under `jax.jit`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Optional, Tuple
+
+import jax.numpy as jnp
+
+_DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
+           "float16": jnp.float16, "fp16": jnp.float16}
+
+
+def resolve_dtype(name: str):
+    """Maps a config dtype name ('float32', 'bf16', ...) to a jnp dtype."""
+    try:
+        return _DTYPES[str(name)]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}") from None
+
+
+def _from_mapping(cls, d: Mapping[str, Any]):
+    d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown config keys {unknown}; known: {sorted(fields)}")
+    for name, value in list(d.items()):
+        if isinstance(value, list):
+            d[name] = tuple(value)
+    return cls(**d)
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """LLaMA / Vicuna decoder (HF `LlamaConfig` field meanings)."""
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: Optional[int] = None  # None: same as num_attention_heads (no GQA)
+    head_dim: Optional[int] = None  # None: hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+    pad_token_id: int = 0
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_dict(cls, d):
+        return _from_mapping(cls, d)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipConfig:
+    """CLIP vision transformer (HF `CLIPVisionConfig` field meanings)."""
+    image_size: int = 336  # size the position-embedding table was trained for
+    patch_size: int = 14
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    layer_norm_eps: float = 1e-5
+    num_channels: int = 3
+
+    @classmethod
+    def from_dict(cls, d):
+        return _from_mapping(cls, d)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvNextConfig:
+    """timm-style ConvNeXt trunk (stem + 4 stages; the head is never used)."""
+    depths: Tuple[int, ...] = (3, 3, 27, 3)  # convnext_large_mlp
+    dims: Tuple[int, ...] = (192, 384, 768, 1536)
+    layer_norm_eps: float = 1e-6
+    mlp_ratio: int = 4
+    num_channels: int = 3
+
+    @classmethod
+    def from_dict(cls, d):
+        return _from_mapping(cls, d)
+
+
+@dataclasses.dataclass(frozen=True)
+class MLLMConfig:
+    """A LLaVA-1.5 (`family='llava'`) or LLaVA-HR (`family='llava_hr'`) model."""
+    family: str = "llava_hr"
+    llm: LlamaConfig = LlamaConfig()
+    clip: ClipConfig = ClipConfig()
+    convnext: Optional[ConvNextConfig] = None  # LLaVA-HR slow branch; None for LLaVA-1.5
+    # Input resolution fed to the model (1024 for LLaVA-HR, 336 for LLaVA-1.5).
+    input_image_size: int = 1024
+    # LLaVA-1.5: which CLIP hidden state feeds the projector (-2 = output of the
+    # second-to-last layer, as `mm_vision_select_layer`). LLaVA-HR runs all layers.
+    vision_select_layer: int = -2
+    # LLaVA-HR MR-Adapters: inserted after these 0-based CLIP layer indices.
+    # Empty = stage-1 model (`freeze_vision=True`: no adapters in the checkpoint).
+    adapter_after_layers: Tuple[int, ...] = (5, 11, 17)
+    adapter_gate_hidden: int = 512
+    mm_hidden_size: int = 1024
+    projector_type: str = "mlp2x_gelu"
+    image_token_index: int = -200  # placeholder id in input_ids where the image goes
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.family not in ("llava", "llava_hr"):
+            raise ValueError(f"MLLMConfig.family must be 'llava' or 'llava_hr', got {self.family!r}")
+        if self.family == "llava_hr" and self.convnext is None:
+            raise ValueError("MLLMConfig: family 'llava_hr' needs a convnext config")
+        if self.projector_type != "mlp2x_gelu":
+            raise ValueError(f"MLLMConfig.projector_type: only 'mlp2x_gelu' is supported, got {self.projector_type!r}")
+
+    @property
+    def fast_image_size(self) -> int:
+        """Resolution the CLIP branch runs at: LLaVA-HR's max(S*14/32, 336); S for LLaVA-1.5."""
+        if self.family == "llava":
+            return self.input_image_size
+        return max(self.input_image_size * self.clip.patch_size // 32, self.clip.image_size)
+
+    @property
+    def num_image_tokens(self) -> int:
+        return (self.fast_image_size // self.clip.patch_size) ** 2
+
+    @property
+    def compute_dtype(self):
+        return resolve_dtype(self.dtype)
+
+    @property
+    def weight_dtype(self):
+        return resolve_dtype(self.param_dtype)
+
+    @classmethod
+    def from_dict(cls, d) -> "MLLMConfig":
+        d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
+        if "llm" in d:
+            d["llm"] = LlamaConfig.from_dict(d["llm"])
+        if "clip" in d:
+            d["clip"] = ClipConfig.from_dict(d["clip"])
+        if d.get("convnext") is not None:
+            d["convnext"] = ConvNextConfig.from_dict(d["convnext"])
+        return _from_mapping(cls, d)

@@ -1,0 +1,60 @@
+"""Greedy generation with fixed-size KV caches, jitted once per shape bucket.
+
+Any model with `prefill(batch, max_len) -> (last_logits [b, vocab], caches)` and
+`decode_step(tokens [b, 1], caches) -> (logits [b, 1, vocab], caches)` can be
+generated from. Prompts are right-padded; every example continues from its own
+length, so a batch may mix prompt lengths.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def greedy_loop(decode_step, first_logits_bv, caches, *, max_new_tokens: int, eos_id: int, pad_id: int):
+    """Greedy decoding from the prefill logits. Returns tokens [b, max_new_tokens]:
+    generation stops per example after `eos_id` (which is kept), then `pad_id` follows."""
+    b = first_logits_bv.shape[0]
+    tok = jnp.argmax(first_logits_bv, axis=-1).astype(jnp.int32)
+    out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok)
+    done = tok == eos_id
+
+    def cond(carry):
+        i, _, _, done, _ = carry
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        i, tok, caches, done, out = carry
+        logits, caches = decode_step(tok[:, None], caches)
+        nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+        nxt = jnp.where(done, pad_id, nxt)
+        out = out.at[:, i].set(nxt)
+        return i + 1, nxt, caches, done | (nxt == eos_id), out
+
+    *_, out = jax.lax.while_loop(cond, body, (jnp.int32(1), tok, caches, done, out))
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_id", "pad_id"))
+def _generate(graphdef, state, batch, *, max_new_tokens, eos_id, pad_id):
+    model = nnx.merge(graphdef, state)
+    max_len = model.prefill_length(batch) + max_new_tokens
+    first_logits, caches = model.prefill(batch, max_len)
+    return greedy_loop(model.decode_step, first_logits, caches, max_new_tokens=max_new_tokens,
+                       eos_id=eos_id, pad_id=pad_id)
+
+
+def generate(model: nnx.Module, batch: Mapping[str, jax.Array], *, max_new_tokens: int, eos_id: int,
+             pad_id: int = 0) -> jax.Array:
+    """Greedy generation: new tokens [b, max_new_tokens] (padded with `pad_id` after EOS).
+
+    Compiles once per (batch shapes, max_new_tokens) bucket; pad prompts to a fixed
+    set of lengths to bound recompilation.
+    """
+    graphdef, state = nnx.split(model)
+    return _generate(graphdef, state, dict(batch), max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)

@@ -1,0 +1,87 @@
+"""Small building blocks shared by the language and vision models.
+
+Naming convention (it is what makes checkpoint import mechanical, see
+`gamma_mod_jax/convert/keymap.py`): every module mirrors the PyTorch module tree
+of the original code attribute by attribute, and leaves use Flax names:
+`kernel` (Linear [in, out], Conv HWIO), `bias`, `scale` (norm weight),
+`embedding` (Embedding weight). Any other parameter keeps its PyTorch name.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def gelu_exact(x):
+    """PyTorch's default nn.GELU / F.gelu (erf form)."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+def quick_gelu(x):
+    """CLIP's activation: x * sigmoid(1.702 x)."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+def linear(in_features: int, out_features: int, *, use_bias: bool, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Linear:
+    """A Linear with PyTorch's default init scale (uniform +-1/sqrt(in)), our dtypes."""
+    bound = 1.0 / math.sqrt(in_features)
+    init = nnx.initializers.uniform(scale=2 * bound)
+    shifted = lambda key, shape, dt=jnp.float32: init(key, shape, dt) - jnp.asarray(bound, dt)
+    return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                      kernel_init=shifted, bias_init=shifted, rngs=rngs)
+
+
+def layer_norm(features: int, *, eps: float, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    """LayerNorm over the last axis with scale and bias (PyTorch nn.LayerNorm)."""
+    return nnx.LayerNorm(features, epsilon=eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+class RMSNorm(nnx.Module):
+    """LLaMA RMSNorm, computed in float32 and cast back like HF `LlamaRMSNorm`."""
+
+    def __init__(self, features: int, *, eps: float, dtype, param_dtype):
+        self.scale = nnx.Param(jnp.ones((features,), param_dtype))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        normed = (x32 * jax.lax.rsqrt(variance + self.eps)).astype(self.dtype)
+        return self.scale[...].astype(self.dtype) * normed
+
+
+def dot_product_attention(q_bshd, k_bthd, v_bthd, mask_bqk: Optional[jax.Array], *,
+                          return_probs: bool = False):
+    """Softmax attention with grouped-query support and a boolean mask.
+
+    q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim]
+    with heads a multiple of kv_heads. mask: broadcastable to [batch, q_len, kv_len]
+    (True = may attend), or None. Scores and softmax run in float32.
+    Returns [batch, q_len, heads, head_dim] (and the [batch, heads, q_len, kv_len]
+    probabilities if asked, e.g. for ARank).
+    """
+    b, s, h, d = q_bshd.shape
+    kv_heads = k_bthd.shape[2]
+    groups = h // kv_heads
+    q = q_bshd.reshape(b, s, kv_heads, groups, d)
+    scores = jnp.einsum("bskgd,btkd->bkgst", q, k_bthd, preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / math.sqrt(d))
+    if mask_bqk is not None:
+        mask = jnp.broadcast_to(mask_bqk, (b, s, k_bthd.shape[1]))[:, None, None]
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if mask_bqk is not None:
+        # A query with no visible key (a fully masked padding row) gets zeros, not NaN/uniform.
+        probs = jnp.where(mask, probs, 0.0)
+    out = jnp.einsum("bkgst,btkd->bskgd", probs.astype(v_bthd.dtype), v_bthd,
+                     preferred_element_type=jnp.float32)
+    out = out.reshape(b, s, h, d).astype(q_bshd.dtype)
+    if return_probs:
+        return out, probs.reshape(b, h, s, -1)
+    return out

@@ -1,0 +1,180 @@
+"""LLaMA / Vicuna decoder in Flax NNX, matching HF `LlamaForCausalLM`.
+
+Attribute names mirror HF (`embed_tokens`, `layers[i].self_attn.q_proj`, ...) so
+checkpoints import mechanically. RoPE uses HF's rotate_half layout, so HF q/k
+weights load without permutation.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gamma_mod_jax.models.config import LlamaConfig
+from gamma_mod_jax.models.kv_cache import LayerCache
+from gamma_mod_jax.models.layers import RMSNorm, dot_product_attention, linear
+
+
+def rope_cos_sin(positions_bs, head_dim: int, theta: float):
+    """cos, sin [batch, seq, head_dim] for integer positions (HF default RoPE)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions_bs.astype(jnp.float32)[..., None] * inv_freq  # [b, s, d/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x_bshd, cos_bsd, sin_bsd):
+    """Rotates q or k with HF's rotate_half convention (first half / second half pairs)."""
+    half = x_bshd.shape[-1] // 2
+    rotated = jnp.concatenate([-x_bshd[..., half:], x_bshd[..., :half]], axis=-1)
+    cos = cos_bsd[:, :, None, :]
+    sin = sin_bsd[:, :, None, :]
+    # Computed in float32 like HF's fp32 cos/sin, then cast back.
+    out = x_bshd.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin
+    return out.astype(x_bshd.dtype)
+
+
+def causal_mask(token_valid_bs):
+    """[batch, q, k] mask: causal, keys restricted to valid (non-padding) tokens."""
+    s = token_valid_bs.shape[1]
+    causal = jnp.tril(jnp.ones((s, s), bool))
+    return causal[None] & token_valid_bs[:, None, :]
+
+
+class LlamaAttention(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        d, h, kvh, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_heads, cfg.dim_per_head
+        kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = linear(d, h * hd, **kw)
+        self.k_proj = linear(d, kvh * hd, **kw)
+        self.v_proj = linear(d, kvh * hd, **kw)
+        self.o_proj = linear(h * hd, d, **kw)
+        self.num_heads, self.kv_heads, self.head_dim, self.theta = h, kvh, hd, cfg.rope_theta
+
+    def __call__(self, x_bsd, positions_bs, mask_bqk, cache: Optional[LayerCache] = None,
+                 token_valid_bs=None, return_probs: bool = False):
+        """Self-attention. Without a cache `mask_bqk` is the [b, s, s] mask; with a cache
+        the new keys are written first and the mask comes from the cache."""
+        b, s, _ = x_bsd.shape
+        q = self.q_proj(x_bsd).reshape(b, s, self.num_heads, self.head_dim)
+        k = self.k_proj(x_bsd).reshape(b, s, self.kv_heads, self.head_dim)
+        v = self.v_proj(x_bsd).reshape(b, s, self.kv_heads, self.head_dim)
+        cos, sin = rope_cos_sin(positions_bs, self.head_dim, self.theta)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            cache, cache_mask = cache.write(k, v, token_valid_bs)
+            k, v = cache.k.astype(q.dtype), cache.v.astype(q.dtype)
+            # Prefill from an empty cache: the in-sequence mask equals the cache mask; the
+            # cache mask is used in both cases so decode and prefill share one path.
+            mask_bqk = cache_mask
+        result = dot_product_attention(q, k, v, mask_bqk, return_probs=return_probs)
+        out, probs = result if return_probs else (result, None)
+        out = self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))
+        return out, cache, probs
+
+
+class LlamaMLP(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = linear(cfg.hidden_size, cfg.intermediate_size, **kw)
+        self.up_proj = linear(cfg.hidden_size, cfg.intermediate_size, **kw)
+        self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size, **kw)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nnx.Module):
+    """Pre-norm block: h = x + Attn(LN1(x)); out = h + MLP(LN2(h))."""
+
+    def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
+        self.self_attn = LlamaAttention(cfg, rngs=rngs, **kw)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
+        self.mlp = LlamaMLP(cfg, rngs=rngs, **kw)
+
+    def attention_branch(self, x_bsd, positions_bs, mask_bqk, cache=None, token_valid_bs=None,
+                         return_probs=False):
+        """x + Attn(LN1(x)), returned with the updated cache and attention probabilities."""
+        attn, cache, probs = self.self_attn(self.input_layernorm(x_bsd), positions_bs, mask_bqk, cache,
+                                            token_valid_bs, return_probs)
+        return x_bsd + attn, cache, probs
+
+    def mlp_branch(self, h_bsd):
+        """MLP(LN2(h)), without the residual (γ-MoD scales this branch by the router weight)."""
+        return self.mlp(self.post_attention_layernorm(h_bsd))
+
+    def __call__(self, x_bsd, positions_bs, mask_bqk, cache=None, token_valid_bs=None):
+        h, cache, _ = self.attention_branch(x_bsd, positions_bs, mask_bqk, cache, token_valid_bs)
+        return h + self.mlp_branch(h), cache
+
+
+class Llama(nnx.Module):
+    """Decoder-only LM: `embed_tokens`, `layers`, `norm`, untied `lm_head`."""
+
+    def __init__(self, cfg: LlamaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = cfg
+        self.dtype = dtype
+        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
+                                      embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+        self.layers = nnx.List([LlamaDecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                                for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.lm_head = linear(cfg.hidden_size, cfg.vocab_size, use_bias=False, dtype=dtype,
+                              param_dtype=param_dtype, rngs=rngs)
+
+    def embed(self, input_ids_bs):
+        return self.embed_tokens(input_ids_bs).astype(self.dtype)
+
+    def init_caches(self, batch: int, max_len: int) -> list:
+        """One empty fixed-size cache per layer."""
+        c = self.config
+        return [LayerCache.zeros(batch, max_len, c.kv_heads, c.dim_per_head, self.dtype)
+                for _ in range(c.num_hidden_layers)]
+
+    def decode_layers(self, x_bsd, positions_bs, token_valid_bs, caches: Optional[Sequence[LayerCache]] = None):
+        """Runs all decoder layers and the final norm. Returns (hidden, new caches or None)."""
+        mask = causal_mask(token_valid_bs) if caches is None else None
+        new_caches = []
+        for i, layer in enumerate(self.layers):
+            x_bsd, cache = layer(x_bsd, positions_bs, mask, None if caches is None else caches[i], token_valid_bs)
+            new_caches.append(cache)
+        return self.norm(x_bsd), (None if caches is None else new_caches)
+
+    def __call__(self, input_ids_bs=None, *, inputs_embeds=None, attention_mask=None, positions=None,
+                 caches=None):
+        """Logits [batch, seq, vocab] (float32) and the updated caches.
+
+        Right padding: `attention_mask` [b, s] marks real tokens; positions default to
+        0..s-1 (what HF does for right-padded batches) or, with caches, continue from
+        each example's cache length.
+        """
+        x = self.embed(input_ids_bs) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
+        b, s = x.shape[:2]
+        token_valid = jnp.ones((b, s), bool) if attention_mask is None else attention_mask.astype(bool)
+        if positions is None:
+            start = jnp.zeros((b,), jnp.int32) if caches is None else caches[0].length
+            positions = start[:, None] + jnp.arange(s, dtype=jnp.int32)[None]
+        hidden, caches = self.decode_layers(x, positions, token_valid, caches)
+        logits = self.lm_head(hidden).astype(jnp.float32)
+        return logits, caches
+
+    # --- generation interface (see gamma_mod_jax/models/generate.py) ---
+
+    def prefill_length(self, batch) -> int:
+        return batch["input_ids"].shape[1]
+
+    def prefill(self, batch, max_len: int):
+        """Runs the right-padded prompt into fresh caches; logits at each example's last token."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        caches = self.init_caches(ids.shape[0], max_len)
+        logits, caches = self(ids, attention_mask=mask, caches=caches)
+        last = jnp.sum(mask, axis=1).astype(jnp.int32) - 1
+        return jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0], caches
+
+    def decode_step(self, tokens_b1, caches):
+        return self(tokens_b1, caches=caches)
