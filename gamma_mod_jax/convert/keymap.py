@@ -139,3 +139,21 @@ def export_state_dict(model: nnx.Module, keymap: KeyMap) -> Dict[str, np.ndarray
 
 
 LLAMA_KEYMAP = KeyMap(prefixes=(("lm_head.", "lm_head."), ("", "model.")))
+
+
+def mllm_keymap(family: str) -> KeyMap:
+    """Key rules of LLaVA-1.5 (`llava`) and LLaVA-HR (`llava_hr`) checkpoints."""
+    common = (("llm.lm_head.", "lm_head."), ("llm.", "model."),
+              ("projector.fc1.", "model.mm_projector.0."), ("projector.fc2.", "model.mm_projector.2."))
+    if family == "llava":
+        vision = (("vision.clip.", "model.vision_tower.vision_tower.vision_model."),)
+    elif family == "llava_hr":
+        vision = (("vision.clip.", "model.vision_tower.fast_vision_tower.vision_tower.vision_model."),
+                  ("vision.convnext.", "model.vision_tower.slow_vision_tower.vision_tower."),
+                  ("vision.adapters.", "model.vision_tower.align_stages_latent."),
+                  ("vision.fusion.", "model.vision_tower.align_stages.0."))
+    else:
+        raise ValueError(f"unknown model family {family!r}")
+    # The ConvNeXt classifier head ships in LLaVA-HR checkpoints but is never used.
+    ignored = DEFAULT_IGNORED + (r"model\.vision_tower\.slow_vision_tower\.vision_tower\.head\..*",)
+    return KeyMap(prefixes=common + vision, ignored=ignored)

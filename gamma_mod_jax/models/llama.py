@@ -37,6 +37,12 @@ def apply_rope(x_bshd, cos_bsd, sin_bsd):
     return out.astype(x_bshd.dtype)
 
 
+def last_valid_logits(logits_bsv, token_valid_bs):
+    """Logits at each example's last real token of a right-padded batch: [b, vocab]."""
+    last = jnp.sum(token_valid_bs, axis=1).astype(jnp.int32) - 1
+    return jnp.take_along_axis(logits_bsv, last[:, None, None], axis=1)[:, 0]
+
+
 def causal_mask(token_valid_bs):
     """[batch, q, k] mask: causal, keys restricted to valid (non-padding) tokens."""
     s = token_valid_bs.shape[1]
@@ -173,8 +179,7 @@ class Llama(nnx.Module):
         ids, mask = batch["input_ids"], batch["attention_mask"]
         caches = self.init_caches(ids.shape[0], max_len)
         logits, caches = self(ids, attention_mask=mask, caches=caches)
-        last = jnp.sum(mask, axis=1).astype(jnp.int32) - 1
-        return jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0], caches
+        return last_valid_logits(logits, mask), caches
 
     def decode_step(self, tokens_b1, caches):
         return self(tokens_b1, caches=caches)

@@ -1,0 +1,50 @@
+"""The public Python API (re-exported lazily by `gamma_mod_jax`)."""
+
+
+from __future__ import annotations
+
+from typing import Mapping, Union
+
+import jax
+import ml_collections
+from flax import nnx
+
+from gamma_mod_jax.config_file import load_config
+from gamma_mod_jax.convert.keymap import StateDictMismatchError, export_state_dict, load_state_dict, mllm_keymap
+from gamma_mod_jax.models.config import MLLMConfig
+from gamma_mod_jax.models.generate import generate
+from gamma_mod_jax.models.mllm import LlavaModel, MLLMOutput
+
+__all__ = ["load_config", "model_config", "build_model", "abstract_model", "load_torch_state_dict",
+           "export_torch_state_dict", "generate", "LlavaModel", "MLLMConfig", "MLLMOutput",
+           "StateDictMismatchError"]
+
+
+def model_config(config: Union[str, ml_collections.ConfigDict, MLLMConfig]) -> MLLMConfig:
+    """The typed model config of a config file spec, a full ConfigDict, or an MLLMConfig."""
+    if isinstance(config, MLLMConfig):
+        return config
+    if isinstance(config, str):
+        config = load_config(config)
+    return MLLMConfig.from_dict(config.model if "model" in config else config)
+
+
+def build_model(config, seed: int = 0) -> LlavaModel:
+    """A LLaVA / LLaVA-HR model with freshly initialised weights."""
+    return LlavaModel(model_config(config), rngs=nnx.Rngs(seed))
+
+
+def abstract_model(config) -> LlavaModel:
+    """The model with shape/dtype placeholders instead of arrays (allocates nothing)."""
+    cfg = model_config(config)
+    return nnx.eval_shape(lambda: LlavaModel(cfg, rngs=nnx.Rngs(0)))
+
+
+def load_torch_state_dict(model: LlavaModel, state_dict: Mapping[str, object], *, source: str = "state dict"):
+    """Loads PyTorch LLaVA / LLaVA-HR weights (original key names) into `model` in place."""
+    load_state_dict(model, state_dict, mllm_keymap(model.config.family), source=source)
+
+
+def export_torch_state_dict(model: LlavaModel):
+    """The model's weights under the original PyTorch key names (numpy arrays)."""
+    return export_state_dict(model, mllm_keymap(model.config.family))

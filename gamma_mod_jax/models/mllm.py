@@ -1,0 +1,91 @@
+"""The assembled multimodal LLM: vision tower -> projector -> image features spliced
+into the text embeddings (`splice.py`, static shapes) -> LLaMA.
+
+Every spliced position carries a token type id (`gamma_mod_jax.token_types`), which
+γ-MoD routing uses instead of hard-coded lengths.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from gamma_mod_jax import token_types as tt
+from gamma_mod_jax.models.config import MLLMConfig
+from gamma_mod_jax.models.llama import Llama, last_valid_logits
+from gamma_mod_jax.models.projector import Projector
+from gamma_mod_jax.models.splice import IGNORE_INDEX, default_text_types, splice_layout
+from gamma_mod_jax.models.vision import build_vision_tower
+
+
+@struct.dataclass
+class MLLMOutput:
+    """logits [b, L, vocab] float32; token_types, attention_mask, labels [b, L] on the
+    spliced sequence (labels None when none were given)."""
+    logits: jax.Array
+    token_types: jax.Array
+    attention_mask: jax.Array
+    labels: Optional[jax.Array] = None
+
+
+class LlavaModel(nnx.Module):
+    """LLaVA-1.5 or LLaVA-HR (per `cfg.family`): `vision`, `projector`, `llm`."""
+
+    def __init__(self, cfg: MLLMConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.vision = build_vision_tower(cfg, rngs=rngs)
+        self.projector = Projector(cfg.mm_hidden_size, cfg.llm.hidden_size, dtype=cfg.compute_dtype,
+                                   param_dtype=cfg.weight_dtype, rngs=rngs)
+        self.llm = Llama(cfg.llm, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
+
+    def encode_images(self, pixel_values_bhwc):
+        """[b, S, S, 3] CLIP-normalised pixels -> image tokens in LLM space [b, n, hidden]."""
+        return self.projector(self.vision(pixel_values_bhwc.astype(self.config.compute_dtype)))
+
+    def embed_multimodal(self, input_ids_bt, attention_mask_bt, pixel_values_bhwc, token_types_bt=None,
+                         labels_bt=None):
+        """Spliced input embeddings [b, L, hidden] and the per-position metadata."""
+        cfg = self.config
+        layout = splice_layout(input_ids_bt, attention_mask_bt, cfg.image_token_index, cfg.num_image_tokens)
+        safe_ids = jnp.where(input_ids_bt == cfg.image_token_index, cfg.llm.pad_token_id, input_ids_bt)
+        text_emb = self.llm.embed(safe_ids)                                             # [b, t, h]
+        text_emb = jnp.take_along_axis(text_emb, layout.text_index[..., None], axis=1)  # [b, L, h]
+        image_emb = self.encode_images(pixel_values_bhwc)                               # [b, n, h]
+        image_emb = jnp.take_along_axis(image_emb, layout.image_index[..., None], axis=1)
+        embeds = jnp.where(layout.is_image[..., None], image_emb.astype(text_emb.dtype), text_emb)
+        if token_types_bt is None:
+            token_types_bt = default_text_types(input_ids_bt, attention_mask_bt, cfg.image_token_index)
+        types = jnp.take_along_axis(token_types_bt, layout.text_index, axis=1)
+        types = jnp.where(layout.is_image, tt.IMAGE, types)
+        types = jnp.where(layout.valid, types, tt.PADDING).astype(jnp.int32)
+        labels = None
+        if labels_bt is not None:
+            labels = jnp.take_along_axis(labels_bt, layout.text_index, axis=1)
+            labels = jnp.where(layout.is_image | ~layout.valid, IGNORE_INDEX, labels)
+        return embeds, layout.valid, types, labels
+
+    def __call__(self, input_ids, attention_mask, pixel_values, token_types=None, labels=None) -> MLLMOutput:
+        """Full forward over a right-padded batch. input_ids/attention_mask/token_types/labels:
+        [b, t] text-level; pixel_values [b, S, S, 3]. Positions are 0..L-1 like LLaVA."""
+        embeds, valid, types, labels = self.embed_multimodal(input_ids, attention_mask, pixel_values,
+                                                             token_types, labels)
+        logits, _ = self.llm(inputs_embeds=embeds, attention_mask=valid)
+        return MLLMOutput(logits=logits, token_types=types, attention_mask=valid.astype(jnp.int32), labels=labels)
+
+    # --- generation interface (see gamma_mod_jax/models/generate.py) ---
+
+    def prefill_length(self, batch) -> int:
+        return batch["input_ids"].shape[1] - 1 + self.config.num_image_tokens
+
+    def prefill(self, batch, max_len: int):
+        embeds, valid, _, _ = self.embed_multimodal(batch["input_ids"], batch["attention_mask"],
+                                                    batch["pixel_values"], batch.get("token_types"))
+        caches = self.llm.init_caches(embeds.shape[0], max_len)
+        logits, caches = self.llm(inputs_embeds=embeds, attention_mask=valid, caches=caches)
+        return last_valid_logits(logits, valid), caches
+
+    def decode_step(self, tokens_b1, caches):
+        return self.llm(tokens_b1, caches=caches)
