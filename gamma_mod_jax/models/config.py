@@ -12,6 +12,8 @@ from typing import Any, Mapping, Optional, Tuple
 
 import jax.numpy as jnp
 
+from gamma_mod_jax.mod.config import MoDConfig
+
 _DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
            "float16": jnp.float16, "fp16": jnp.float16}
 
@@ -116,6 +118,7 @@ class MLLMConfig:
     mm_hidden_size: int = 1024
     projector_type: str = "mlp2x_gelu"
     image_token_index: int = -200  # placeholder id in input_ids where the image goes
+    mod: Optional[MoDConfig] = None  # γ-MoD layers and routing; None = dense model
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
 
@@ -155,4 +158,6 @@ class MLLMConfig:
             d["clip"] = ClipConfig.from_dict(d["clip"])
         if d.get("convnext") is not None:
             d["convnext"] = ConvNextConfig.from_dict(d["convnext"])
+        if d.get("mod") is not None:
+            d["mod"] = MoDConfig.from_dict(d["mod"])
         return _from_mapping(cls, d)

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gamma_mod_jax.mod.config import MoDConfig
+from gamma_mod_jax.mod.layer import mod_layer_capacity, mod_layer_threshold
 from gamma_mod_jax.models.config import LlamaConfig
 from gamma_mod_jax.models.kv_cache import LayerCache
 from gamma_mod_jax.models.layers import RMSNorm, dot_product_attention, linear
@@ -120,10 +122,13 @@ class LlamaDecoderLayer(nnx.Module):
 
 
 class Llama(nnx.Module):
-    """Decoder-only LM: `embed_tokens`, `layers`, `norm`, untied `lm_head`."""
+    """Decoder-only LM: `embed_tokens`, `layers`, `norm`, untied `lm_head`; with a MoD
+    config, the layers it names become γ-MoD layers sharing one `router` [hidden, 2]."""
 
-    def __init__(self, cfg: LlamaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, cfg: LlamaConfig, *, mod: Optional[MoDConfig] = None, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.config = cfg
+        self.mod = mod if mod is not None and mod.enabled else None
         self.dtype = dtype
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
                                       embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
@@ -132,6 +137,21 @@ class Llama(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
         self.lm_head = linear(cfg.hidden_size, cfg.vocab_size, use_bias=False, dtype=dtype,
                               param_dtype=param_dtype, rngs=rngs)
+        if self.mod is not None:
+            bad = [i for i in self.mod.layers if i >= cfg.num_hidden_layers]
+            if bad:
+                raise ValueError(f"MoD layers {bad} do not exist: the model has {cfg.num_hidden_layers} layers")
+            if len(self.mod.layers) == cfg.num_hidden_layers:
+                raise ValueError("at least one decoder layer must stay dense (it numbers decode positions)")
+            self.router = linear(cfg.hidden_size, 2, use_bias=False, dtype=jnp.float32, param_dtype=param_dtype,
+                                 rngs=rngs)
+            if self.mod.router_init == "xavier_uniform":
+                self.router.kernel.set_value(nnx.initializers.xavier_uniform()(
+                    rngs.params(), self.router.kernel.get_value().shape, param_dtype))
+
+    @property
+    def mod_layers(self) -> tuple:
+        return () if self.mod is None else tuple(sorted(self.mod.layers))
 
     def embed(self, input_ids_bs):
         return self.embed_tokens(input_ids_bs).astype(self.dtype)
@@ -142,32 +162,66 @@ class Llama(nnx.Module):
         return [LayerCache.zeros(batch, max_len, c.kv_heads, c.dim_per_head, self.dtype)
                 for _ in range(c.num_hidden_layers)]
 
-    def decode_layers(self, x_bsd, positions_bs, token_valid_bs, caches: Optional[Sequence[LayerCache]] = None):
-        """Runs all decoder layers and the final norm. Returns (hidden, new caches or None)."""
+    def decode_layers(self, x_bsd, positions_bs, token_valid_bs, caches: Optional[Sequence[LayerCache]] = None,
+                      token_types_bs=None, routing: str = "capacity"):
+        """Runs all decoder layers and the final norm.
+
+        routing: 'capacity' (top-k, training) or 'threshold' (the official inference rule;
+        a single decode token uses the decode threshold). Returns (hidden, new caches or
+        None, mod_aux) where mod_aux stacks per-MoD-layer statistics ({} when dense).
+        """
         mask = causal_mask(token_valid_bs) if caches is None else None
-        new_caches = []
+        new_caches, aux = [], []
         for i, layer in enumerate(self.layers):
-            x_bsd, cache = layer(x_bsd, positions_bs, mask, None if caches is None else caches[i], token_valid_bs)
+            cache = None if caches is None else caches[i]
+            if i in self.mod_layers:
+                x_bsd, cache, layer_aux = self._mod_layer(layer, x_bsd, positions_bs, token_valid_bs, token_types_bs,
+                                                          cache, routing)
+                aux.append(layer_aux)
+            else:
+                x_bsd, cache = layer(x_bsd, positions_bs, mask, cache, token_valid_bs)
             new_caches.append(cache)
-        return self.norm(x_bsd), (None if caches is None else new_caches)
+        mod_aux = jax.tree.map(lambda *xs: jnp.stack(xs), *aux) if aux else {}
+        return self.norm(x_bsd), (None if caches is None else new_caches), mod_aux
+
+    def _mod_layer(self, layer, x_bsd, positions_bs, token_valid_bs, token_types_bs, cache, routing):
+        if token_types_bs is None:
+            raise ValueError("γ-MoD layers need token_types to know which tokens are routable")
+        decoding = cache is not None and x_bsd.shape[1] == 1
+        if routing == "threshold":
+            threshold = self.mod.decode_threshold if decoding else self.mod.prefill_threshold
+            return mod_layer_threshold(layer, self.router, x_bsd, positions_bs, token_valid_bs, token_types_bs,
+                                       self.mod, threshold, cache)
+        if routing != "capacity":
+            raise ValueError(f"routing must be 'capacity' or 'threshold', got {routing!r}")
+        # A single decode token cannot compete for capacity: it is computed (the official
+        # policy forces every token after the prompt's image and system prefix).
+        num_skipped = 0 if decoding else self.mod.num_skipped(x_bsd.shape[1], 0)
+        return mod_layer_capacity(layer, self.router, x_bsd, positions_bs, token_valid_bs, token_types_bs,
+                                  self.mod, num_skipped, cache)
 
     def __call__(self, input_ids_bs=None, *, inputs_embeds=None, attention_mask=None, positions=None,
-                 caches=None):
-        """Logits [batch, seq, vocab] (float32) and the updated caches.
+                 caches=None, token_types=None, routing: str = "capacity"):
+        """(logits [batch, seq, vocab] float32, updated caches, mod_aux).
 
         Right padding: `attention_mask` [b, s] marks real tokens; positions default to
         0..s-1 (what HF does for right-padded batches) or, with caches, continue from
-        each example's cache length.
+        each example's length in the first dense layer's cache. `token_types` [b, s]
+        (gamma_mod_jax.token_types) are needed by γ-MoD layers only.
         """
         x = self.embed(input_ids_bs) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
         b, s = x.shape[:2]
         token_valid = jnp.ones((b, s), bool) if attention_mask is None else attention_mask.astype(bool)
         if positions is None:
-            start = jnp.zeros((b,), jnp.int32) if caches is None else caches[0].length
+            if caches is None:
+                start = jnp.zeros((b,), jnp.int32)
+            else:
+                first_dense = next(i for i in range(len(self.layers)) if i not in self.mod_layers)
+                start = caches[first_dense].length
             positions = start[:, None] + jnp.arange(s, dtype=jnp.int32)[None]
-        hidden, caches = self.decode_layers(x, positions, token_valid, caches)
+        hidden, caches, mod_aux = self.decode_layers(x, positions, token_valid, caches, token_types, routing)
         logits = self.lm_head(hidden).astype(jnp.float32)
-        return logits, caches
+        return logits, caches, mod_aux
 
     # --- generation interface (see gamma_mod_jax/models/generate.py) ---
 
@@ -178,8 +232,9 @@ class Llama(nnx.Module):
         """Runs the right-padded prompt into fresh caches; logits at each example's last token."""
         ids, mask = batch["input_ids"], batch["attention_mask"]
         caches = self.init_caches(ids.shape[0], max_len)
-        logits, caches = self(ids, attention_mask=mask, caches=caches)
+        logits, caches, _ = self(ids, attention_mask=mask, caches=caches)
         return last_valid_logits(logits, mask), caches
 
     def decode_step(self, tokens_b1, caches):
-        return self(tokens_b1, caches=caches)
+        logits, caches, _ = self(tokens_b1, caches=caches)
+        return logits, caches

@@ -7,6 +7,7 @@ Every spliced position carries a token type id (`gamma_mod_jax.token_types`), wh
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import jax
@@ -29,6 +30,9 @@ class MLLMOutput:
     token_types: jax.Array
     attention_mask: jax.Array
     labels: Optional[jax.Array] = None
+    # γ-MoD statistics stacked over MoD layers ({} for a dense model): routing_loss [n_mod]
+    # (unscaled), selected [n_mod, b, L], skip_ratio and skip_<type> [n_mod].
+    mod_aux: dict = struct.field(default_factory=dict)
 
 
 class LlavaModel(nnx.Module):
@@ -39,7 +43,11 @@ class LlavaModel(nnx.Module):
         self.vision = build_vision_tower(cfg, rngs=rngs)
         self.projector = Projector(cfg.mm_hidden_size, cfg.llm.hidden_size, dtype=cfg.compute_dtype,
                                    param_dtype=cfg.weight_dtype, rngs=rngs)
-        self.llm = Llama(cfg.llm, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
+        mod = cfg.mod
+        if mod is not None and mod.num_routable_tokens is None:
+            # Capacity is a trace-time constant: the image tokens plus the system prompt.
+            mod = dataclasses.replace(mod, num_routable_tokens=mod.routable_count(cfg.num_image_tokens))
+        self.llm = Llama(cfg.llm, mod=mod, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
 
     def encode_images(self, pixel_values_bhwc):
         """[b, S, S, 3] CLIP-normalised pixels -> image tokens in LLM space [b, n, hidden]."""
@@ -67,13 +75,22 @@ class LlavaModel(nnx.Module):
             labels = jnp.where(layout.is_image | ~layout.valid, IGNORE_INDEX, labels)
         return embeds, layout.valid, types, labels
 
-    def __call__(self, input_ids, attention_mask, pixel_values, token_types=None, labels=None) -> MLLMOutput:
+    def __call__(self, input_ids, attention_mask, pixel_values, token_types=None, labels=None,
+                 routing: str = "capacity") -> MLLMOutput:
         """Full forward over a right-padded batch. input_ids/attention_mask/token_types/labels:
-        [b, t] text-level; pixel_values [b, S, S, 3]. Positions are 0..L-1 like LLaVA."""
+        [b, t] text-level; pixel_values [b, S, S, 3]. Positions are 0..L-1 like LLaVA.
+        routing ('capacity' for training, 'threshold' for the official inference rule)
+        matters only for γ-MoD models."""
         embeds, valid, types, labels = self.embed_multimodal(input_ids, attention_mask, pixel_values,
                                                              token_types, labels)
-        logits, _ = self.llm(inputs_embeds=embeds, attention_mask=valid)
-        return MLLMOutput(logits=logits, token_types=types, attention_mask=valid.astype(jnp.int32), labels=labels)
+        logits, _, mod_aux = self.llm(inputs_embeds=embeds, attention_mask=valid, token_types=types,
+                                      routing=routing)
+        return MLLMOutput(logits=logits, token_types=types, attention_mask=valid.astype(jnp.int32), labels=labels,
+                          mod_aux=mod_aux)
+
+    @property
+    def inference_routing(self) -> str:
+        return "capacity" if self.config.mod is None else self.config.mod.inference
 
     # --- generation interface (see gamma_mod_jax/models/generate.py) ---
 
@@ -81,11 +98,15 @@ class LlavaModel(nnx.Module):
         return batch["input_ids"].shape[1] - 1 + self.config.num_image_tokens
 
     def prefill(self, batch, max_len: int):
-        embeds, valid, _, _ = self.embed_multimodal(batch["input_ids"], batch["attention_mask"],
-                                                    batch["pixel_values"], batch.get("token_types"))
+        embeds, valid, types, _ = self.embed_multimodal(batch["input_ids"], batch["attention_mask"],
+                                                        batch["pixel_values"], batch.get("token_types"))
         caches = self.llm.init_caches(embeds.shape[0], max_len)
-        logits, caches = self.llm(inputs_embeds=embeds, attention_mask=valid, caches=caches)
+        logits, caches, _ = self.llm(inputs_embeds=embeds, attention_mask=valid, caches=caches, token_types=types,
+                                     routing=self.inference_routing)
         return last_valid_logits(logits, valid), caches
 
     def decode_step(self, tokens_b1, caches):
-        return self.llm(tokens_b1, caches=caches)
+        # Generated tokens are answer tokens (always computed under the official policy).
+        types = jnp.full(tokens_b1.shape, tt.ANSWER, jnp.int32)
+        logits, caches, _ = self.llm(tokens_b1, caches=caches, token_types=types, routing=self.inference_routing)
+        return logits, caches

@@ -49,7 +49,7 @@ def test_logits_match_hf_with_right_padding(rng, kv_heads):
     ids, mask = right_padded(rng, [11, 7, 4], 11, TINY["vocab_size"])
     with torch.no_grad():
         ref = hf(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)).logits.numpy()
-    got, _ = ours(jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+    got, _, _ = ours(jnp.asarray(ids), attention_mask=jnp.asarray(mask))
     valid = mask.astype(bool)
     assert rel_err(np.asarray(got)[valid], ref[valid]) < 1e-4
 
@@ -57,13 +57,13 @@ def test_logits_match_hf_with_right_padding(rng, kv_heads):
 def test_cache_prefill_and_decode_equal_full_forward(rng):
     _, ours = build_pair(rng)
     ids, mask = right_padded(rng, [9, 5], 9, TINY["vocab_size"])
-    full, _ = ours(jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+    full, _, _ = ours(jnp.asarray(ids), attention_mask=jnp.asarray(mask))
     # Prefill the first 3 tokens, then feed the rest one at a time through the cache.
     caches = ours.init_caches(2, 16)
-    logits, caches = ours(jnp.asarray(ids[:, :3]), attention_mask=jnp.ones((2, 3), jnp.int32), caches=caches)
+    logits, caches, _ = ours(jnp.asarray(ids[:, :3]), attention_mask=jnp.ones((2, 3), jnp.int32), caches=caches)
     steps = [logits]
     for t in range(3, 5):
-        logits, caches = ours(jnp.asarray(ids[:, t:t + 1]), caches=caches)
+        logits, caches, _ = ours(jnp.asarray(ids[:, t:t + 1]), caches=caches)
         steps.append(logits)
     stepped = jnp.concatenate(steps, axis=1)
     assert rel_err(stepped, full[:, :5]) < 1e-5
@@ -76,8 +76,8 @@ def test_bf16_compute_close_to_fp32(rng):
     ids, mask = right_padded(rng, [10, 6], 10, TINY["vocab_size"])
     ours16 = Llama(ours.config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     load_state_dict(ours16, hf.state_dict(), LLAMA_KEYMAP)
-    a, _ = ours(jnp.asarray(ids), attention_mask=jnp.asarray(mask))
-    b, _ = ours16(jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+    a, _, _ = ours(jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+    b, _, _ = ours16(jnp.asarray(ids), attention_mask=jnp.asarray(mask))
     valid = mask.astype(bool)
     assert rel_err(np.asarray(b)[valid], np.asarray(a)[valid]) < 2e-2
 
@@ -98,7 +98,7 @@ def test_greedy_generation_matches_hf_and_repeated_forwards(rng):
         # The same tokens by argmax over repeated full forwards without a cache.
         seq = list(ids[b, :n])
         for _ in range(len(ref)):
-            logits, _ = ours(jnp.asarray([seq], jnp.int32))
+            logits, _, _ = ours(jnp.asarray([seq], jnp.int32))
             seq.append(int(jnp.argmax(logits[0, -1])))
             if seq[-1] == eos:
                 break

@@ -1,0 +1,1 @@
+"""γ-MoD: Mixture-of-Depths routing for decoder layers (static shapes, shared router)."""

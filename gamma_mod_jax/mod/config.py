@@ -1,0 +1,90 @@
+"""γ-MoD configuration. Every choice that differs from the official PyTorch code is a
+named option whose default is the official behaviour."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Tuple
+
+from gamma_mod_jax import token_types as tt
+
+# Which token types are always computed ("masked routing"). The official code forces
+# every token after its hard-coded image + system prefix: questions, answers and the
+# right padding. The paper's ablation default forces only the question.
+ALWAYS_KEEP = {
+    "official": (tt.QUESTION, tt.ANSWER, tt.PADDING),
+    "question": (tt.QUESTION,),
+    "question_answer": (tt.QUESTION, tt.ANSWER),
+    "none": (),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MoDConfig:
+    """Which decoder layers are MoD layers, and how they route.
+
+    routing_ratio is the share of the *routable* tokens (those not always kept) that skip
+    each MoD layer; the official code hard-codes 0.5 of its 1024 image + 35 system tokens,
+    i.e. 529 skipped tokens, which at the paper's mean length of 1400 tokens is 37.8% of
+    the whole sequence: that is the paper's "0.3" / released "0.34" model (skip 37.9%).
+    The paper's "0.5" model skips 57.7% of 1400 tokens, a routing_ratio of about 0.76.
+    """
+    layers: Tuple[int, ...] = ()                 # 0-based indices of MoD layers
+    routing_ratio: float = 0.5
+    always_keep: str = "official"                # see ALWAYS_KEEP
+    # Number of routable tokens the capacity is computed from (a trace-time constant, so
+    # shapes stay static). None: the model's image tokens + `system_tokens`.
+    num_routable_tokens: Optional[int] = None
+    system_tokens: int = 35                      # vicuna_v1 system prompt length (official constant)
+    # Padding: official keeps it (forced under 'official') and counts it in the routing
+    # loss. skip_padding_first=True makes padding the first thing skipped and takes it out
+    # of the loss and the skip metrics.
+    skip_padding_first: bool = False
+    positions: str = "renumbered"                # official: selected tokens get 0..k-1; or 'original'
+    router_scales: str = "mlp"                   # official: p scales the MLP branch; 'block' (MoD paper)
+    # What multiplies that branch: official 'probability' (p itself, so a freshly adapted
+    # dense model has its MLPs halved at p ~ 0.5); 'straight_through' is 1 in the forward
+    # pass with p's gradient (a model with every token kept then equals the dense model).
+    router_weight: str = "probability"
+    aux_loss_coef: float = 0.01                  # routing loss coefficient (router_aux_loss_coef)
+    router_init: str = "torch_default"           # LLaVA-HR code: nn.Linear default; or 'xavier_uniform'
+    inference: str = "threshold"                 # official: thresholds; or 'capacity' (top-k as in training)
+    prefill_threshold: float = 0.005             # prefill keeps tokens with p > this
+    decode_threshold: float = 0.5                # decode skips the layer when p < this (per example)
+
+    def __post_init__(self):
+        checks = (("always_keep", self.always_keep, tuple(ALWAYS_KEEP)),
+                  ("positions", self.positions, ("renumbered", "original")),
+                  ("router_scales", self.router_scales, ("mlp", "block")),
+                  ("router_weight", self.router_weight, ("probability", "straight_through")),
+                  ("router_init", self.router_init, ("torch_default", "xavier_uniform")),
+                  ("inference", self.inference, ("threshold", "capacity")))
+        for name, value, allowed in checks:
+            if value not in allowed:
+                raise ValueError(f"MoDConfig.{name} must be one of {allowed}, got {value!r}")
+        if not 0.0 <= self.routing_ratio < 1.0:
+            raise ValueError(f"MoDConfig.routing_ratio must be in [0, 1), got {self.routing_ratio}")
+        if len(set(self.layers)) != len(self.layers) or any(i < 0 for i in self.layers):
+            raise ValueError(f"MoDConfig.layers must be distinct non-negative indices, got {self.layers}")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.layers)
+
+    def routable_count(self, num_image_tokens: int) -> int:
+        return self.num_routable_tokens if self.num_routable_tokens is not None else num_image_tokens + self.system_tokens
+
+    def num_skipped(self, seq_len: int, num_image_tokens: int) -> int:
+        """Tokens skipped per MoD layer at this (static) sequence length. Official:
+        k = ceil(S * (1 - 0.5 * 1059 / S)), and nothing is skipped when S <= 1059."""
+        routable = self.routable_count(num_image_tokens)
+        if seq_len <= routable:
+            return 0
+        return int(self.routing_ratio * routable)
+
+    @classmethod
+    def from_dict(cls, d) -> "MoDConfig":
+        d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
+        if "layers" in d:
+            d["layers"] = tuple(d["layers"])
+        return cls(**d)
