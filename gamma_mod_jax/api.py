@@ -41,10 +41,14 @@ def abstract_model(config) -> LlavaModel:
 
 
 def load_torch_state_dict(model: LlavaModel, state_dict: Mapping[str, object], *, source: str = "state dict"):
-    """Loads PyTorch LLaVA / LLaVA-HR weights (original key names) into `model` in place."""
-    load_state_dict(model, state_dict, mllm_keymap(model.config.family), source=source)
+    """Loads PyTorch LLaVA / LLaVA-HR / γ-MoD weights (original key names) into `model` in place."""
+    load_state_dict(model, state_dict, _keymap(model), source=source)
 
 
 def export_torch_state_dict(model: LlavaModel):
     """The model's weights under the original PyTorch key names (numpy arrays)."""
-    return export_state_dict(model, mllm_keymap(model.config.family))
+    return export_state_dict(model, _keymap(model))
+
+
+def _keymap(model: LlavaModel):
+    return mllm_keymap(model.config.family, model.llm.mod_layers)

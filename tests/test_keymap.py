@@ -45,3 +45,28 @@ def test_bad_state_dict_names_every_offending_key(rng):
     # Nothing was modified.
     for k, v in nnx.to_flat_state(nnx.state(model)):
         np.testing.assert_array_equal(np.asarray(v.get_value()), before[k])
+
+
+
+def test_shared_router_stored_once_or_under_every_mod_layer(rng):
+    from gamma_mod_jax.convert.keymap import KeyMap
+    cfg3 = LlamaConfig(**{**CFG.__dict__, "num_hidden_layers": 3})
+    from gamma_mod_jax.mod.config import MoDConfig
+    model = Llama(cfg3, mod=MoDConfig(layers=(1, 2), num_routable_tokens=4), rngs=nnx.Rngs(2))
+    keymap = KeyMap(prefixes=LLAMA_KEYMAP.prefixes, shared=(("router.", ("model.layers.1.router.", "model.layers.2.router.")),))
+    sd = export_state_dict(model, keymap)
+    assert sd["model.layers.1.router.weight"].shape == (2, 16)
+    np.testing.assert_array_equal(sd["model.layers.1.router.weight"], sd["model.layers.2.router.weight"])
+    router = rng.standard_normal((2, 16)).astype(np.float32)
+    once = dict(sd)
+    del once["model.layers.2.router.weight"]
+    once["model.layers.1.router.weight"] = router
+    load_state_dict(model, once, keymap)
+    np.testing.assert_array_equal(np.asarray(model.router.kernel.get_value()), router.T)
+    differing = dict(sd)
+    differing["model.layers.2.router.weight"] = router + 1
+    with pytest.raises(StateDictMismatchError, match="copies of one shared tensor differ: model.layers.1.router.weight, model.layers.2.router.weight"):
+        load_state_dict(model, differing, keymap)
+    none = {k: v for k, v in sd.items() if "router" not in k}
+    with pytest.raises(StateDictMismatchError, match="missing keys"):
+        load_state_dict(model, none, keymap)

@@ -21,11 +21,14 @@ DEFAULT_IGNORED = (r".*rotary_emb\.inv_freq$", r".*\.position_ids$", r".*num_bat
 
 
 class StateDictMismatchError(ValueError):
-    """A state dict does not fit the model: lists every missing, unexpected and mis-shaped key."""
+    """A state dict does not fit the model: lists every missing, unexpected and mis-shaped
+    key, and shared tensors whose stored copies differ."""
 
     def __init__(self, missing: Sequence[str], unexpected: Sequence[str],
-                 mis_shaped: Sequence[Tuple[str, tuple, tuple]], source: str = "state dict"):
+                 mis_shaped: Sequence[Tuple[str, tuple, tuple]], source: str = "state dict",
+                 differing_copies: Sequence[Sequence[str]] = ()):
         self.missing, self.unexpected, self.mis_shaped = list(missing), list(unexpected), list(mis_shaped)
+        self.differing_copies = [list(keys) for keys in differing_copies]
         lines = [f"{source} does not match the model:"]
         if self.missing:
             lines.append(f"  missing keys ({len(self.missing)}):")
@@ -36,25 +39,39 @@ class StateDictMismatchError(ValueError):
         if self.mis_shaped:
             lines.append(f"  mis-shaped keys ({len(self.mis_shaped)}):")
             lines += [f"    {k}: got {tuple(got)}, expected {tuple(want)}" for k, got, want in self.mis_shaped]
+        for keys in self.differing_copies:
+            lines.append(f"  copies of one shared tensor differ: {', '.join(keys)}")
         super().__init__("\n".join(lines))
 
 
 @dataclasses.dataclass(frozen=True)
 class KeyMap:
-    """Prefix rules (our dotted prefix, PyTorch prefix), first match wins, plus
-    PyTorch keys to ignore on import (regexes)."""
+    """Prefix rules (our dotted prefix, PyTorch prefix), first match wins; shared rules
+    (our dotted prefix, several PyTorch prefixes) for one tensor stored under several
+    keys (the γ-MoD router under every MoD layer); PyTorch keys to ignore (regexes)."""
     prefixes: Tuple[Tuple[str, str], ...]
     ignored: Tuple[str, ...] = DEFAULT_IGNORED
+    shared: Tuple[Tuple[str, Tuple[str, ...]], ...] = ()
 
-    def torch_key(self, path: Tuple) -> str:
-        """PyTorch key of one of our parameter paths."""
+    def torch_keys(self, path: Tuple) -> Tuple[str, ...]:
+        """PyTorch key(s) of one of our parameter paths (several for a shared tensor)."""
         *body, leaf = [str(p) for p in path]
         torch_leaf = {"kernel": "weight", "scale": "weight", "embedding": "weight"}.get(leaf, leaf)
         dotted = ".".join(body + [torch_leaf])
+        for ours, theirs in self.shared:
+            if dotted.startswith(ours):
+                return tuple(t + dotted[len(ours):] for t in theirs)
         for ours, theirs in self.prefixes:
             if dotted.startswith(ours):
-                return theirs + dotted[len(ours):]
+                return (theirs + dotted[len(ours):],)
         raise KeyError(f"no prefix rule maps parameter {'.'.join(map(str, path))!r}")
+
+    def torch_key(self, path: Tuple) -> str:
+        """The PyTorch key of a parameter stored once."""
+        keys = self.torch_keys(path)
+        if len(keys) != 1:
+            raise KeyError(f"parameter {'.'.join(map(str, path))!r} is stored under several keys: {keys}")
+        return keys[0]
 
     def is_ignored(self, key: str) -> bool:
         return any(re.fullmatch(p, key) for p in self.ignored)
@@ -104,45 +121,62 @@ def param_paths(model_or_state) -> List[Tuple[Tuple, nnx.Variable]]:
 
 def expected_torch_shapes(model, keymap: KeyMap) -> Dict[str, tuple]:
     """PyTorch key -> shape in PyTorch layout, for every parameter of `model` (abstract is fine)."""
-    return {keymap.torch_key(p): _torch_shape(p, tuple(v.get_value().shape)) for p, v in param_paths(model)}
+    return {k: _torch_shape(p, tuple(v.get_value().shape)) for p, v in param_paths(model) for k in keymap.torch_keys(p)}
 
 
 def load_state_dict(model: nnx.Module, state_dict: Mapping[str, object], keymap: KeyMap, *,
                     source: str = "state dict") -> None:
     """Copies a PyTorch-keyed state dict into `model` in place (cast to each parameter's dtype).
 
-    Raises StateDictMismatchError naming every missing, unexpected and mis-shaped key
-    before anything is modified.
+    A shared tensor may be stored under one or all of its keys; stored copies must be
+    equal. Raises StateDictMismatchError naming every missing, unexpected and mis-shaped
+    key (and differing copies) before anything is modified.
     """
     params = param_paths(model)
-    wanted = {keymap.torch_key(p): (p, v) for p, v in params}
-    missing = sorted(k for k in wanted if k not in state_dict)
-    unexpected = sorted(k for k in state_dict if k not in wanted and not keymap.is_ignored(k))
-    mis_shaped = []
-    for key, (path, var) in wanted.items():
-        if key in state_dict:
-            got = tuple(getattr(state_dict[key], "shape", np.shape(state_dict[key])))
-            want = _torch_shape(path, tuple(var.get_value().shape))
-            if got != want:
-                mis_shaped.append((key, got, want))
-    if missing or unexpected or mis_shaped:
-        raise StateDictMismatchError(missing, unexpected, sorted(mis_shaped), source)
-    for key, (path, var) in wanted.items():
+    missing, mis_shaped, differing, known, chosen = [], [], [], set(), []
+    for path, var in params:
+        keys = keymap.torch_keys(path)
+        known.update(keys)
+        present = [k for k in keys if k in state_dict]
+        if not present:
+            missing.append(keys[0] if len(keys) == 1 else f"{keys[0]} (or any of {', '.join(keys[1:])})")
+            continue
+        want = _torch_shape(path, tuple(var.get_value().shape))
+        bad = [(k, tuple(getattr(state_dict[k], "shape", np.shape(state_dict[k]))), want) for k in present]
+        bad = [b for b in bad if b[1] != want]
+        if bad:
+            mis_shaped += bad
+            continue
+        if len(present) > 1:
+            first = to_numpy(state_dict[present[0]])
+            if any(not np.array_equal(first, to_numpy(state_dict[k])) for k in present[1:]):
+                differing.append(present)
+                continue
+        chosen.append((path, var, present[0]))
+    unexpected = sorted(k for k in state_dict if k not in known and not keymap.is_ignored(k))
+    if missing or unexpected or mis_shaped or differing:
+        raise StateDictMismatchError(sorted(missing), unexpected, sorted(mis_shaped), source, differing)
+    for path, var, key in chosen:
         value = from_torch_layout(path, to_numpy(state_dict[key]))
         var.set_value(np.ascontiguousarray(value).astype(var.get_value().dtype))
 
 
 def export_state_dict(model: nnx.Module, keymap: KeyMap) -> Dict[str, np.ndarray]:
     """Our parameters as a PyTorch-keyed dict of numpy arrays (PyTorch layouts)."""
-    return {keymap.torch_key(p): np.ascontiguousarray(to_torch_layout(p, np.asarray(v.get_value())))
-            for p, v in param_paths(model)}
+    out = {}
+    for path, var in param_paths(model):
+        value = np.ascontiguousarray(to_torch_layout(path, np.asarray(var.get_value())))
+        for key in keymap.torch_keys(path):
+            out[key] = value
+    return out
 
 
 LLAMA_KEYMAP = KeyMap(prefixes=(("lm_head.", "lm_head."), ("", "model.")))
 
 
-def mllm_keymap(family: str) -> KeyMap:
-    """Key rules of LLaVA-1.5 (`llava`) and LLaVA-HR (`llava_hr`) checkpoints."""
+def mllm_keymap(family: str, mod_layers: Sequence[int] = ()) -> KeyMap:
+    """Key rules of LLaVA-1.5 (`llava`), LLaVA-HR (`llava_hr`) and γ-MoD checkpoints (the
+    shared router is stored as `model.layers.{i}.router.weight` for every MoD layer i)."""
     common = (("llm.lm_head.", "lm_head."), ("llm.", "model."),
               ("projector.fc1.", "model.mm_projector.0."), ("projector.fc2.", "model.mm_projector.2."))
     if family == "llava":
@@ -156,4 +190,6 @@ def mllm_keymap(family: str) -> KeyMap:
         raise ValueError(f"unknown model family {family!r}")
     # The ConvNeXt classifier head ships in LLaVA-HR checkpoints but is never used.
     ignored = DEFAULT_IGNORED + (r"model\.vision_tower\.slow_vision_tower\.vision_tower\.head\..*",)
-    return KeyMap(prefixes=common + vision, ignored=ignored)
+    shared = ((("llm.router.", tuple(f"model.layers.{i}.router." for i in sorted(mod_layers))),)
+              if mod_layers else ())
+    return KeyMap(prefixes=common + vision, ignored=ignored, shared=shared)
