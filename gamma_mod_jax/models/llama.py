@@ -116,9 +116,10 @@ class LlamaDecoderLayer(nnx.Module):
         """MLP(LN2(h)), without the residual (γ-MoD scales this branch by the router weight)."""
         return self.mlp(self.post_attention_layernorm(h_bsd))
 
-    def __call__(self, x_bsd, positions_bs, mask_bqk, cache=None, token_valid_bs=None):
-        h, cache, _ = self.attention_branch(x_bsd, positions_bs, mask_bqk, cache, token_valid_bs)
-        return h + self.mlp_branch(h), cache
+    def __call__(self, x_bsd, positions_bs, mask_bqk, cache=None, token_valid_bs=None, return_probs=False):
+        h, cache, probs = self.attention_branch(x_bsd, positions_bs, mask_bqk, cache, token_valid_bs, return_probs)
+        out = h + self.mlp_branch(h)
+        return (out, cache, probs) if return_probs else (out, cache)
 
 
 class Llama(nnx.Module):
@@ -163,26 +164,35 @@ class Llama(nnx.Module):
                 for _ in range(c.num_hidden_layers)]
 
     def decode_layers(self, x_bsd, positions_bs, token_valid_bs, caches: Optional[Sequence[LayerCache]] = None,
-                      token_types_bs=None, routing: str = "capacity"):
+                      token_types_bs=None, routing: str = "capacity", attention_probe=None):
         """Runs all decoder layers and the final norm.
 
         routing: 'capacity' (top-k, training) or 'threshold' (the official inference rule;
-        a single decode token uses the decode threshold). Returns (hidden, new caches or
-        None, mod_aux) where mod_aux stacks per-MoD-layer statistics ({} when dense).
+        a single decode token uses the decode threshold). attention_probe: optional
+        `f(probs [b, heads, s, s], token_valid [b, s]) -> value`, applied to each dense
+        layer's attention probabilities as the pass goes (ARank reduces them at once, so
+        no layer's maps outlive it). Returns (hidden, new caches or None, aux) where aux
+        stacks per-MoD-layer statistics and, with a probe, holds its values under
+        "attention_probe" ({} for a plain dense pass).
         """
         mask = causal_mask(token_valid_bs) if caches is None else None
-        new_caches, aux = [], []
+        new_caches, mod_aux, probed = [], [], []
         for i, layer in enumerate(self.layers):
             cache = None if caches is None else caches[i]
             if i in self.mod_layers:
                 x_bsd, cache, layer_aux = self._mod_layer(layer, x_bsd, positions_bs, token_valid_bs, token_types_bs,
                                                           cache, routing)
-                aux.append(layer_aux)
+                mod_aux.append(layer_aux)
+            elif attention_probe is not None:
+                x_bsd, cache, probs = layer(x_bsd, positions_bs, mask, cache, token_valid_bs, return_probs=True)
+                probed.append(attention_probe(probs, token_valid_bs))
             else:
                 x_bsd, cache = layer(x_bsd, positions_bs, mask, cache, token_valid_bs)
             new_caches.append(cache)
-        mod_aux = jax.tree.map(lambda *xs: jnp.stack(xs), *aux) if aux else {}
-        return self.norm(x_bsd), (None if caches is None else new_caches), mod_aux
+        aux = jax.tree.map(lambda *xs: jnp.stack(xs), *mod_aux) if mod_aux else {}
+        if attention_probe is not None:
+            aux = {**aux, "attention_probe": probed}
+        return self.norm(x_bsd), (None if caches is None else new_caches), aux
 
     def _mod_layer(self, layer, x_bsd, positions_bs, token_valid_bs, token_types_bs, cache, routing):
         if token_types_bs is None:
@@ -201,13 +211,14 @@ class Llama(nnx.Module):
                                   self.mod, num_skipped, cache)
 
     def __call__(self, input_ids_bs=None, *, inputs_embeds=None, attention_mask=None, positions=None,
-                 caches=None, token_types=None, routing: str = "capacity"):
+                 caches=None, token_types=None, routing: str = "capacity", attention_probe=None):
         """(logits [batch, seq, vocab] float32, updated caches, mod_aux).
 
         Right padding: `attention_mask` [b, s] marks real tokens; positions default to
         0..s-1 (what HF does for right-padded batches) or, with caches, continue from
         each example's length in the first dense layer's cache. `token_types` [b, s]
-        (gamma_mod_jax.token_types) are needed by γ-MoD layers only.
+        (gamma_mod_jax.token_types) are needed by γ-MoD layers only. attention_probe: see
+        `decode_layers`.
         """
         x = self.embed(input_ids_bs) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
         b, s = x.shape[:2]
@@ -219,7 +230,8 @@ class Llama(nnx.Module):
                 first_dense = next(i for i in range(len(self.layers)) if i not in self.mod_layers)
                 start = caches[first_dense].length
             positions = start[:, None] + jnp.arange(s, dtype=jnp.int32)[None]
-        hidden, caches, mod_aux = self.decode_layers(x, positions, token_valid, caches, token_types, routing)
+        hidden, caches, mod_aux = self.decode_layers(x, positions, token_valid, caches, token_types, routing,
+                                                     attention_probe)
         logits = self.lm_head(hidden).astype(jnp.float32)
         return logits, caches, mod_aux
 

@@ -1,0 +1,74 @@
+"""ARank: the rank function vs numpy, attention maps vs transformers eager attention,
+per-layer ARank vs a PyTorch computation of the official definition."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from gamma_mod_jax.mod.arank import attention_map_ranks, matrix_rank
+from tests.models.test_llama import build_pair, right_padded, TINY
+
+
+def test_matrix_rank_equals_numpy_on_known_ranks(rng):
+    mats, ranks = [], []
+    for r in [0, 1, 3, 7, 12]:
+        a = rng.standard_normal((12, r)) @ rng.standard_normal((r, 12)) if r else np.zeros((12, 12))
+        mats.append(a)
+        ranks.append(r)
+    got = np.asarray(matrix_rank(jnp.asarray(np.stack(mats), jnp.float32)))
+    want = [np.linalg.matrix_rank(m.astype(np.float32)) for m in mats]
+    assert list(got) == want == ranks
+
+
+def test_matrix_rank_at_the_tolerance_boundary(rng):
+    # Singular values placed just above and just below max(m, n) * eps * sigma_max.
+    n = 10
+    eps = np.finfo(np.float32).eps
+    u, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    v, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    mats = []
+    for factor in (30.0, 0.03, 3.0, 0.3):
+        sigma = np.ones(n)
+        sigma[-1] = factor * n * eps
+        mats.append((u * sigma) @ v.T)
+    x = np.stack(mats).astype(np.float32)
+    got = np.asarray(matrix_rank(jnp.asarray(x)))
+    want = [np.linalg.matrix_rank(m) for m in x]
+    assert list(got) == want
+    assert want[0] == n and want[1] == n - 1  # the boundary is really exercised
+
+
+def test_attention_maps_equal_transformers_eager(rng):
+    hf, ours = build_pair(rng)
+    ids, mask = right_padded(rng, [9, 6], 9, TINY["vocab_size"])
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
+                 output_attentions=True).attentions
+    _, _, aux = ours(jnp.asarray(ids), attention_mask=jnp.asarray(mask), attention_probe=lambda p, valid: p)
+    for layer, (got, want) in enumerate(zip(aux["attention_probe"], ref)):
+        got, want = np.asarray(got), want.numpy()
+        for b, n in enumerate(mask.sum(1)):
+            np.testing.assert_allclose(got[b, :, :n, :n], want[b, :, :n, :n], atol=1e-5, err_msg=f"layer {layer}")
+
+
+def official_arank_torch(attn_bhss: torch.Tensor) -> float:
+    """The official code's computation on one example's [h, s, s] map: tril mask, zero
+    diagonal, float32 torch.linalg.matrix_rank with default tolerance, mean over heads."""
+    a = attn_bhss * torch.tril(torch.ones_like(attn_bhss))
+    a = a.clone()
+    a.diagonal(dim1=-2, dim2=-1).zero_()
+    ranks = [torch.linalg.matrix_rank(a[h].float()).item() for h in range(a.shape[0])]
+    return float(np.mean(ranks))
+
+
+def test_per_layer_arank_equals_official_pytorch_computation(rng):
+    hf, ours = build_pair(rng)
+    ids, mask = right_padded(rng, [24, 17], 24, TINY["vocab_size"])
+    probe = jax.jit(lambda i, m: ours(i, attention_mask=m, attention_probe=attention_map_ranks)[2]["attention_probe"])
+    ranks = [np.asarray(r) for r in probe(jnp.asarray(ids), jnp.asarray(mask))]  # per layer [b, heads]
+    for b, n in enumerate(mask.sum(1)):
+        with torch.no_grad():  # each example alone, unpadded, as the official code runs
+            att = hf(torch.tensor(ids[b:b + 1, :n], dtype=torch.long), output_attentions=True).attentions
+        for layer in range(len(ranks)):
+            assert ranks[layer][b].mean() == official_arank_torch(att[layer][0]), (layer, b)
