@@ -1,0 +1,98 @@
+"""Analytic FLOPs, forward pass, 2 FLOPs per multiply-add.
+
+The paper's convention (the official FLOPs script) counts LLM decoder layers only:
+`8 s h^2 + 4 s^2 h + 6 s h f` per layer (q/k/v/o projections, QK^T and AV over the
+full s x s square, the three SwiGLU matrices), a MoD layer at its kept length
+`int(s * (1 - skip_ratio))`: that floor is what reproduces the paper's Table 4
+(LLaVA-HR-7B at 1400 tokens: 19.16 / 12.59 / 9.26 TFLOPs at skip 0 / 37.9% / 57.7%).
+`full_model_breakdown` adds the vision towers, adapters, projector and LM head,
+counted the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence
+
+
+def decoder_layer_flops(seq_len: float, hidden: int, ffn: int) -> float:
+    """One LLaMA decoder layer over `seq_len` tokens (paper convention)."""
+    s, h = seq_len, hidden
+    return 8 * s * h * h + 4 * s * s * h + 6 * s * h * ffn
+
+
+def kept_length(seq_len: int, skip_ratio: float) -> int:
+    """Tokens a MoD layer computes when `skip_ratio` of the whole sequence skips it."""
+    return int(seq_len * (1.0 - skip_ratio))
+
+
+def paper_tflops(llm_cfg, seq_len: int, mod_layers: Sequence[int], skip_ratio: float) -> float:
+    """LLM decoder layers only, MoD layers at their kept length, in TFLOPs."""
+    _check(llm_cfg, mod_layers, skip_ratio)
+    h, f, n = llm_cfg.hidden_size, llm_cfg.intermediate_size, llm_cfg.num_hidden_layers
+    n_mod = len(set(mod_layers))
+    total = (n - n_mod) * decoder_layer_flops(seq_len, h, f)
+    total += n_mod * decoder_layer_flops(kept_length(seq_len, skip_ratio), h, f)
+    return total / 1e12
+
+
+def _vit_layer_flops(n_tokens: int, width: int, mlp: int) -> float:
+    return 8 * n_tokens * width * width + 4 * n_tokens * n_tokens * width + 4 * n_tokens * width * mlp
+
+
+def _convnext_flops(cfg, image_size: int) -> float:
+    side = image_size // 4
+    total = 2 * side * side * cfg.dims[0] * cfg.num_channels * 16  # stem: 4x4 stride-4 conv
+    for stage, (depth, dim) in enumerate(zip(cfg.depths, cfg.dims)):
+        if stage > 0:
+            side //= 2
+            total += 2 * side * side * dim * cfg.dims[stage - 1] * 4  # 2x2 stride-2 downsample
+        hw = side * side
+        total += depth * (2 * hw * dim * 49 + 4 * hw * dim * dim * cfg.mlp_ratio)  # dw 7x7 + MLP
+    return total
+
+
+def full_model_breakdown(mllm_cfg, seq_len: int, skip_ratio: float = 0.0,
+                         mod_layers: Optional[Sequence[int]] = None) -> Dict[str, float]:
+    """TFLOPs per component of one forward pass over one image and `seq_len` tokens."""
+    clip, llm = mllm_cfg.clip, mllm_cfg.llm
+    n_img = mllm_cfg.num_image_tokens
+    d = clip.hidden_size
+    out = {}
+    patch = 2 * n_img * clip.num_channels * clip.patch_size ** 2 * d
+    if mllm_cfg.family == "llava":
+        n_clip_layers = clip.num_hidden_layers + 1 + mllm_cfg.vision_select_layer
+        n_clip_tokens = n_img + 1  # the CLS token runs through the tower too
+    else:
+        n_clip_layers, n_clip_tokens = clip.num_hidden_layers, n_img
+    out["vision_clip"] = patch + n_clip_layers * _vit_layer_flops(n_clip_tokens, d, clip.intermediate_size)
+    if mllm_cfg.family == "llava_hr":
+        cs = mllm_cfg.convnext.dims[-1]
+        slow_hw = (mllm_cfg.input_image_size // 32) ** 2
+        out["vision_convnext"] = _convnext_flops(mllm_cfg.convnext, mllm_cfg.input_image_size)
+        per_adapter = (2 * slow_hw * cs * cs + 2 * slow_hw * cs * d + 2 * n_img * d * 49 + 2 * n_img * d * d
+                       + 2 * (2 * d * mllm_cfg.adapter_gate_hidden + mllm_cfg.adapter_gate_hidden))
+        out["vision_adapters"] = len(mllm_cfg.adapter_after_layers) * per_adapter
+        out["vision_fusion"] = 2 * n_img * d * mllm_cfg.mm_hidden_size + 2 * n_img * cs * mllm_cfg.mm_hidden_size
+    out["projector"] = 2 * n_img * (mllm_cfg.mm_hidden_size * llm.hidden_size + llm.hidden_size ** 2)
+    layers = default_mod_layers(llm.num_hidden_layers) if mod_layers is None else mod_layers
+    out["llm_decoder"] = paper_tflops(llm, seq_len, layers if skip_ratio else (), skip_ratio) * 1e12
+    out["lm_head"] = 2 * seq_len * llm.hidden_size * llm.vocab_size
+    return {k: v / 1e12 for k, v in out.items()}
+
+
+def full_model_tflops(mllm_cfg, seq_len: int, skip_ratio: float = 0.0,
+                      mod_layers: Optional[Sequence[int]] = None) -> float:
+    return sum(full_model_breakdown(mllm_cfg, seq_len, skip_ratio, mod_layers).values())
+
+
+def default_mod_layers(num_layers: int) -> tuple:
+    """The released γ-MoD choice: every layer but 0, 1, 2 and the last."""
+    return tuple(range(3, num_layers - 1))
+
+
+def _check(llm_cfg, mod_layers, skip_ratio):
+    if not 0.0 <= skip_ratio < 1.0:
+        raise ValueError(f"skip ratio must be in [0, 1), got {skip_ratio}")
+    bad = [i for i in mod_layers if not 0 <= i < llm_cfg.num_hidden_layers]
+    if bad:
+        raise ValueError(f"MoD layers {bad} do not exist: the LLM has {llm_cfg.num_hidden_layers} layers")
