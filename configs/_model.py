@@ -37,14 +37,17 @@ def model_config(family, llm, clip, convnext=None, *, input_image_size, tiny=Fal
     m.image_token_index = -200
     m.dtype = dtype
     m.param_dtype = param_dtype
+    m.mod = None  # a dense model unless the `mod` argument asks for γ-MoD
     return m
 
 
 def get_model_config(arg, family, llm, clip, convnext=None, *, input_image_size):
     """Full config with a `model` block; `arg` may say `tiny`, `dtype=bf16`, `param_dtype=bf16`,
-    `stage1` (LLaVA-HR without MR-Adapters, as `freeze_vision` checkpoints are)."""
+    `stage1` (LLaVA-HR without MR-Adapters, as `freeze_vision` checkpoints are), `mod` or
+    `mod=RATIO` (γ-MoD on every layer but 0, 1, 2 and the last, as the released models;
+    RATIO is the share of routable tokens skipped, default 0.5 as the official code)."""
     opts = parse_arg(arg)
-    unknown = set(opts) - {"tiny", "dtype", "param_dtype", "stage1"}
+    unknown = set(opts) - {"tiny", "dtype", "param_dtype", "stage1", "mod"}
     if unknown:
         raise ValueError(f"unknown config arguments {sorted(unknown)}")
     config = ml_collections.ConfigDict()
@@ -53,4 +56,13 @@ def get_model_config(arg, family, llm, clip, convnext=None, *, input_image_size)
                                 param_dtype=opts.get("param_dtype", "float32"))
     if opts.get("stage1"):
         config.model.adapter_after_layers = ()
+    if opts.get("mod"):
+        n_layers = config.model.llm["num_hidden_layers"]
+        ratio = 0.5 if opts["mod"] is True else float(opts["mod"])
+        config.model.mod = dict(layers=tuple(range(3, n_layers - 1)), routing_ratio=ratio)
+        if opts.get("tiny"):
+            # The tiny twin has 4 LLM layers: layer 0 dense, 1-2 MoD, the last dense; its
+            # prompts are a few tokens, so the capacity counts a 2-token system prompt.
+            config.model.mod["layers"] = (1, 2)
+            config.model.mod["system_tokens"] = 2
     return config

@@ -1,7 +1,7 @@
 """LLaVA-1.5-13B (Vicuna-13B, CLIP-L@336).
 
 Variants through the argument: `configs/llava15_13b.py:tiny` (test-sized twin),
-`:dtype=bf16` (bf16 compute), `:param_dtype=bf16`, comma-separated.
+`:dtype=bf16` (bf16 compute), `:param_dtype=bf16`, `:mod[=ratio]` (γ-MoD), comma-separated.
 """
 
 from configs._model import get_model_config

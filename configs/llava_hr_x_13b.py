@@ -1,7 +1,7 @@
 """LLaVA-HR-X-13B (Vicuna-13B, CLIP-L@448 + ConvNeXt-XXL@1024).
 
 Variants through the argument: `configs/llava_hr_x_13b.py:tiny` (test-sized twin),
-`:dtype=bf16` (bf16 compute), `:param_dtype=bf16`, `:stage1` (no MR-Adapters), comma-separated.
+`:dtype=bf16` (bf16 compute), `:param_dtype=bf16`, `:stage1` (no MR-Adapters), `:mod[=ratio]` (γ-MoD), comma-separated.
 """
 
 from configs._model import get_model_config

@@ -127,7 +127,7 @@ def test_threshold_routing_matches_naive_reference(rng, positions, router_scales
 def test_all_tokens_kept_equals_dense_model(rng):
     model = build(rng, routing_ratio=0.0, router_weight="straight_through")
     dense = Llama(CFG, rngs=nnx.Rngs(0))
-    nnx.update(dense, nnx.state(model, nnx.Param).filter(lambda path, _: path[0] != "router"))
+    nnx.update(dense, nnx.filter_state(nnx.state(model, nnx.Param), lambda path, _: path[0] != "router"))
     ids, mask, types = make_batch(rng)
     got, _, aux = model(ids, attention_mask=mask, token_types=types)
     want, _, _ = dense(ids, attention_mask=mask)

@@ -1,0 +1,39 @@
+"""Dense vs γ-MoD speed benchmark (`python -m launch.benchmark`).
+
+The LLaVA-HR token layout of the paper's FLOPs setting: 1024 image + 35 system tokens +
+341 text tokens = 1400. Arguments: `cpu` (default: a width a 2-core CPU runs in
+minutes), `7b` (Vicuna-7B shapes, for a GPU), plus `ratio=0.5`, `batch=N`, `dtype=bf16`,
+`layers=N`, comma-separated.
+"""
+
+import ml_collections
+
+from configs._model import parse_arg
+from gamma_mod_jax.models import presets
+
+
+def get_config(arg=None):
+    opts = parse_arg(arg)
+    size = "7b" if opts.get("7b") else "cpu"
+    c = ml_collections.ConfigDict()
+    if size == "7b":
+        c.llm = dict(presets.VICUNA_7B)
+        c.batch_size = 1
+        c.dtype = "bfloat16"
+        c.repeats, c.warmup = 10, 2
+    else:
+        c.llm = dict(presets.VICUNA_7B, hidden_size=384, intermediate_size=1024, num_hidden_layers=16,
+                     num_attention_heads=6, num_key_value_heads=6, vocab_size=4096)
+        c.batch_size = 1
+        c.dtype = "float32"
+        c.repeats, c.warmup = 5, 1
+    if "layers" in opts:
+        c.llm["num_hidden_layers"] = int(opts["layers"])
+    n_layers = c.llm["num_hidden_layers"]
+    c.image_tokens, c.system_tokens, c.text_tokens = 1024, 35, 341
+    # The released configs: layers 0, 1, 2 and the last stay dense.
+    c.mod = dict(layers=tuple(range(3, n_layers - 1)), routing_ratio=float(opts.get("ratio", 0.5)))
+    c.batch_size = int(opts.get("batch", c.batch_size))
+    c.dtype = opts.get("dtype", c.dtype)
+    c.learning_rate = 1e-5
+    return c
