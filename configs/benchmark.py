@@ -2,8 +2,8 @@
 
 The LLaVA-HR token layout of the paper's FLOPs setting: 1024 image + 35 system tokens +
 341 text tokens = 1400. Arguments: `cpu` (default: a width a 2-core CPU runs in
-minutes), `7b` (Vicuna-7B shapes, for a GPU), plus `ratio=0.5`, `batch=N`, `dtype=bf16`,
-`layers=N`, comma-separated.
+minutes), `7b` (Vicuna-7B shapes, for a GPU), `tiny` (seconds, for tests), plus
+`ratio=0.5`, `batch=N`, `dtype=bf16`, `layers=N`, comma-separated.
 """
 
 import ml_collections
@@ -27,10 +27,13 @@ def get_config(arg=None):
         c.batch_size = 1
         c.dtype = "float32"
         c.repeats, c.warmup = 5, 1
+    if opts.get("tiny"):
+        c.llm = dict(presets.TINY_LLM, num_hidden_layers=6)
+        c.repeats, c.warmup = 2, 1
     if "layers" in opts:
         c.llm["num_hidden_layers"] = int(opts["layers"])
     n_layers = c.llm["num_hidden_layers"]
-    c.image_tokens, c.system_tokens, c.text_tokens = 1024, 35, 341
+    c.image_tokens, c.system_tokens, c.text_tokens = (32, 4, 12) if opts.get("tiny") else (1024, 35, 341)
     # The released configs: layers 0, 1, 2 and the last stay dense.
     c.mod = dict(layers=tuple(range(3, n_layers - 1)), routing_ratio=float(opts.get("ratio", 0.5)))
     c.batch_size = int(opts.get("batch", c.batch_size))
