@@ -22,6 +22,7 @@ from flax import nnx
 from gamma_mod_jax import token_types as tt
 from gamma_mod_jax.mod.config import MoDConfig
 from gamma_mod_jax.mod.flops import decoder_layer_flops
+from gamma_mod_jax.mod.routing import total_routing_loss
 from gamma_mod_jax.models.config import LlamaConfig, resolve_dtype
 from gamma_mod_jax.models.llama import Llama
 
@@ -120,8 +121,7 @@ def run_benchmark(config, log=print) -> dict:
             else:
                 def loss_fn(p, x):
                     logits, aux = forward(p, x)
-                    routing = jnp.sum(aux["routing_loss"]) if aux else 0.0
-                    return lm_loss(logits, x["labels"]) + 0.01 * routing
+                    return lm_loss(logits, x["labels"]) + total_routing_loss(aux, gamma.mod)
 
                 def step(p, opt_state, x):
                     loss, grads = jax.value_and_grad(loss_fn)(p, x)

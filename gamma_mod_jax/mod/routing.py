@@ -73,3 +73,10 @@ def skip_statistics(selected_bs, token_types_bs):
     real = (token_types_bs != tt.PADDING).astype(jnp.float32)
     stats["skip_ratio"] = jnp.sum(skipped * real) / jnp.maximum(jnp.sum(real), 1.0)
     return stats
+
+
+def total_routing_loss(mod_aux, cfg: MoDConfig):
+    """The term added to the LM loss: coefficient x sum over MoD layers (0 when dense)."""
+    if not mod_aux:
+        return jnp.float32(0.0)
+    return cfg.aux_loss_coef * jnp.sum(mod_aux["routing_loss"])
