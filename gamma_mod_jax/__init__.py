@@ -14,7 +14,7 @@ import importlib
 
 # Lazy re-exports: `import gamma_mod_jax.data` (or `.token_types`) must not import the
 # models, so the package namespace loads the API only when it is first used.
-_API = ("load_config", "model_config", "build_model", "abstract_model", "load_torch_state_dict",
+_API = ("load_config", "model_config", "build_model", "abstract_model", "adapt_to_gamma_mod", "load_torch_state_dict",
         "export_torch_state_dict", "generate", "LlavaModel", "MLLMConfig", "MLLMOutput",
         "StateDictMismatchError")
 __all__ = list(_API)

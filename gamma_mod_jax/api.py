@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Mapping, Union
 
 import jax
@@ -15,7 +16,7 @@ from gamma_mod_jax.models.config import MLLMConfig
 from gamma_mod_jax.models.generate import generate
 from gamma_mod_jax.models.mllm import LlavaModel, MLLMOutput
 
-__all__ = ["load_config", "model_config", "build_model", "abstract_model", "load_torch_state_dict",
+__all__ = ["load_config", "model_config", "build_model", "abstract_model", "adapt_to_gamma_mod", "load_torch_state_dict",
            "export_torch_state_dict", "generate", "LlavaModel", "MLLMConfig", "MLLMOutput",
            "StateDictMismatchError"]
 
@@ -38,6 +39,20 @@ def abstract_model(config) -> LlavaModel:
     """The model with shape/dtype placeholders instead of arrays (allocates nothing)."""
     cfg = model_config(config)
     return nnx.eval_shape(lambda: LlavaModel(cfg, rngs=nnx.Rngs(0)))
+
+
+def adapt_to_gamma_mod(dense: LlavaModel, mod, seed: int = 0) -> LlavaModel:
+    """A γ-MoD model from a dense one: every weight copied unchanged, the MoD layers and
+    routing from `mod` (a MoDConfig or dict), the shared router freshly initialised."""
+    from gamma_mod_jax.mod.adapt import copy_dense_weights
+    from gamma_mod_jax.mod.config import MoDConfig
+
+    if dense.config.mod is not None:
+        raise ValueError("adapt_to_gamma_mod: the source model is already a γ-MoD model")
+    mod = mod if isinstance(mod, MoDConfig) else MoDConfig.from_dict(mod)
+    gamma = build_model(dataclasses.replace(dense.config, mod=mod), seed=seed)
+    copy_dense_weights(dense, gamma)
+    return gamma
 
 
 def load_torch_state_dict(model: LlavaModel, state_dict: Mapping[str, object], *, source: str = "state dict"):

@@ -9,8 +9,11 @@ batched and jitted per layer while the forward pass runs, restricted to the vali
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def matrix_rank(x_bmn, size=None):
@@ -38,3 +41,84 @@ def attention_map_ranks(probs_bhqk, token_valid_bk):
     maps = jnp.where(strictly_lower[None, None] & valid, probs_bhqk, 0.0).astype(jnp.float32)
     n_valid = jnp.sum(token_valid_bk, axis=-1)[:, None]  # [b, 1], broadcast over heads
     return matrix_rank(maps, size=n_valid)
+
+
+# --- statistics over samples and the dense / MoD layer selection -------------------
+
+ARANK_FORMAT = "gamma_mod_jax.arank/v1"
+
+
+class ARankAccumulator:
+    """Collects per-sample ARank values (mean over heads) for every layer, batch by batch,
+    over every example of every batch (the official code looked at example 0 only)."""
+
+    def __init__(self, num_layers: int):
+        self.per_sample = [[] for _ in range(num_layers)]
+
+    def add(self, ranks_per_layer, token_valid_bk=None):
+        """ranks_per_layer: one [b, heads] array per layer; token_valid [b, s] (optional)
+        drops examples with no valid token."""
+        keep = None if token_valid_bk is None else np.asarray(token_valid_bk).any(axis=-1)
+        if len(ranks_per_layer) != len(self.per_sample):
+            raise ValueError(f"expected ranks for {len(self.per_sample)} layers, got {len(ranks_per_layer)}")
+        for layer, ranks in enumerate(ranks_per_layer):
+            values = np.asarray(ranks, np.float64).mean(axis=-1)
+            if keep is not None:
+                values = values[keep]
+            self.per_sample[layer].extend(float(v) for v in values)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.per_sample[0]) if self.per_sample else 0
+
+    def layer_statistics(self):
+        if self.num_samples == 0:
+            raise ValueError("ARank: no samples were analysed (empty dataset or every example padding)")
+        return [{"layer": i, "mean": float(np.mean(v)), "std": float(np.std(v)), "per_sample": list(v)}
+                for i, v in enumerate(self.per_sample)]
+
+
+def select_dense_layers(mean_ranks, *, keep_dense=None, threshold=None):
+    """The layers that stay dense (sorted). `keep_dense=N`: the paper's rule, every layer
+    whose ARank is at least the N-th largest (ties stay dense); `threshold=x`: layers
+    with ARank >= x. Every other layer becomes a MoD layer."""
+    ranks = [float(r) for r in mean_ranks]
+    if (keep_dense is None) == (threshold is None):
+        raise ValueError("give exactly one of keep_dense=N or threshold=x")
+    if keep_dense is not None:
+        if not 1 <= keep_dense <= len(ranks):
+            raise ValueError(f"keep_dense={keep_dense} must be between 1 and the number of layers ({len(ranks)})")
+        cutoff = sorted(ranks, reverse=True)[keep_dense - 1]
+    else:
+        cutoff = float(threshold)
+    return tuple(i for i, r in enumerate(ranks) if r >= cutoff)
+
+
+def arank_report(stats, *, keep_dense=None, threshold=None) -> dict:
+    """The ARank JSON document: per-layer statistics, the rule and its selection."""
+    dense = select_dense_layers([s["mean"] for s in stats], keep_dense=keep_dense, threshold=threshold)
+    rule = {"type": "keep_dense", "n": keep_dense} if keep_dense is not None else {"type": "threshold",
+                                                                                      "value": threshold}
+    return {"format": ARANK_FORMAT, "num_layers": len(stats), "num_samples": len(stats[0]["per_sample"]),
+            "layers": stats, "rule": rule, "dense_layers": list(dense),
+            "mod_layers": [s["layer"] for s in stats if s["layer"] not in dense]}
+
+
+def parse_official_log(text: str, source: str = "log"):
+    """Mean ARank per layer (0-based list) from the official code's printed lines
+    `Layer {1-based}, Heads Avg Rank: {x}`, repeated over samples."""
+    values = {}
+    for line_no, line in enumerate(text.splitlines(), 1):
+        match = re.search(r"Layer\s+(\d+),\s*Heads Avg Rank:\s*([-+0-9.eE]+)", line)
+        if match:
+            layer = int(match.group(1))
+            if layer < 1:
+                raise ValueError(f"{source}:{line_no}: layer numbers are 1-based, got {layer}")
+            values.setdefault(layer - 1, []).append(float(match.group(2)))
+    if not values:
+        raise ValueError(f"{source}: no 'Layer N, Heads Avg Rank: x' lines found")
+    n_layers = max(values) + 1
+    missing = [i + 1 for i in range(n_layers) if i not in values]
+    if missing:
+        raise ValueError(f"{source}: no ARank lines for layers {missing} (1-based)")
+    return [sum(v) / len(v) for _, v in sorted(values.items())]

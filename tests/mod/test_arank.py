@@ -72,3 +72,65 @@ def test_per_layer_arank_equals_official_pytorch_computation(rng):
             att = hf(torch.tensor(ids[b:b + 1, :n], dtype=torch.long), output_attentions=True).attentions
         for layer in range(len(ranks)):
             assert ranks[layer][b].mean() == official_arank_torch(att[layer][0]), (layer, b)
+
+
+# --- statistics, selection, official log import, adaptation ------------------------
+
+import pytest
+
+from gamma_mod_jax import api as gm
+from gamma_mod_jax.mod.arank import ARankAccumulator, arank_report, parse_official_log, select_dense_layers
+
+
+def test_selection_keeps_the_n_highest_layers_dense():
+    ranks = [9.0, 8.0, 7.5, 3.0, 2.0, 7.5, 1.0, 10.0]
+    assert select_dense_layers(ranks, keep_dense=4) == (0, 1, 2, 5, 7)  # ties at the 4th value stay dense
+    assert select_dense_layers(ranks, keep_dense=1) == (7,)
+    assert select_dense_layers(ranks, threshold=7.6) == (0, 1, 7)
+    with pytest.raises(ValueError, match="between 1 and the number of layers"):
+        select_dense_layers(ranks, keep_dense=9)
+    with pytest.raises(ValueError, match="exactly one"):
+        select_dense_layers(ranks)
+
+
+def test_accumulator_statistics_and_report(rng):
+    acc = ARankAccumulator(num_layers=2)
+    with pytest.raises(ValueError, match="no samples"):
+        acc.layer_statistics()
+    a = rng.integers(1, 9, size=(3, 4)).astype(float)
+    b = rng.integers(1, 9, size=(3, 4)).astype(float)
+    valid = np.array([[1, 1], [1, 0], [0, 0]], bool)  # the third example is all padding
+    acc.add([a, b], valid)
+    acc.add([a[:1], b[:1]])
+    stats = acc.layer_statistics()
+    per_sample = [a[0].mean(), a[1].mean(), a[0].mean()]
+    assert stats[0]["per_sample"] == pytest.approx(per_sample)
+    assert stats[0]["mean"] == pytest.approx(np.mean(per_sample)) and stats[0]["std"] == pytest.approx(np.std(per_sample))
+    report = arank_report(stats, keep_dense=1)
+    assert report["num_samples"] == 3 and len(report["dense_layers"]) >= 1
+    assert sorted(report["dense_layers"] + report["mod_layers"]) == [0, 1]
+
+
+def test_parse_official_log():
+    log = "\n".join(["noise", "Layer 1, Heads Avg Rank: 10.00", "Layer 2, Heads Avg Rank: 4.50",
+                     "Layer 1, Heads Avg Rank: 12.00", "Layer 2, Heads Avg Rank: 5.50"])
+    assert parse_official_log(log) == [11.0, 5.0]
+    with pytest.raises(ValueError, match="layers \\[2\\]"):
+        parse_official_log("Layer 1, Heads Avg Rank: 3\nLayer 3, Heads Avg Rank: 4", source="x.log")
+    with pytest.raises(ValueError, match="no 'Layer N"):
+        parse_official_log("nothing here")
+
+
+def test_adapted_model_with_every_token_kept_equals_dense(rng):
+    from tests.models.test_mllm import mixed_batch
+
+    dense = gm.build_model("configs/llava_hr_7b.py:tiny", seed=3)
+    gamma = gm.adapt_to_gamma_mod(dense, dict(layers=(1, 2), routing_ratio=0.0, router_weight="straight_through",
+                                              system_tokens=2))
+    ids, mask, pixels = mixed_batch(rng, dense.config)
+    a = dense(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pixels))
+    b = gamma(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pixels))
+    assert np.asarray(b.mod_aux["selected"]).all()
+    np.testing.assert_allclose(np.asarray(b.logits), np.asarray(a.logits), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="already a γ-MoD"):
+        gm.adapt_to_gamma_mod(gamma, dict(layers=(1,)))
