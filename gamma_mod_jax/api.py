@@ -14,6 +14,7 @@ from gamma_mod_jax.config_file import load_config
 from gamma_mod_jax.convert.keymap import StateDictMismatchError, export_state_dict, load_state_dict, mllm_keymap
 from gamma_mod_jax.models.config import MLLMConfig
 from gamma_mod_jax.models.generate import generate
+from gamma_mod_jax.models.llama import make_router
 from gamma_mod_jax.models.mllm import LlavaModel, MLLMOutput
 
 __all__ = ["load_config", "model_config", "build_model", "abstract_model", "adapt_to_gamma_mod", "load_torch_state_dict",
@@ -50,8 +51,11 @@ def adapt_to_gamma_mod(dense: LlavaModel, mod, seed: int = 0) -> LlavaModel:
     if dense.config.mod is not None:
         raise ValueError("adapt_to_gamma_mod: the source model is already a γ-MoD model")
     mod = mod if isinstance(mod, MoDConfig) else MoDConfig.from_dict(mod)
-    gamma = build_model(dataclasses.replace(dense.config, mod=mod), seed=seed)
+    cfg = dataclasses.replace(dense.config, mod=mod)
+    gamma = build_model(cfg, seed=seed)
     copy_dense_weights(dense, gamma)
+    # The router drawn alone from `seed`, as the streaming converter draws it.
+    gamma.llm.router = make_router(cfg.llm.hidden_size, mod, param_dtype=cfg.weight_dtype, rngs=nnx.Rngs(seed))
     return gamma
 
 

@@ -124,19 +124,22 @@ def expected_torch_shapes(model, keymap: KeyMap) -> Dict[str, tuple]:
     return {k: _torch_shape(p, tuple(v.get_value().shape)) for p, v in param_paths(model) for k in keymap.torch_keys(p)}
 
 
-def load_state_dict(model: nnx.Module, state_dict: Mapping[str, object], keymap: KeyMap, *,
-                    source: str = "state dict") -> None:
-    """Copies a PyTorch-keyed state dict into `model` in place (cast to each parameter's dtype).
+def match_state_dict(params: Sequence[Tuple[Tuple, nnx.Variable]], state_dict: Mapping[str, object],
+                     keymap: KeyMap, *, source: str = "state dict",
+                     skip: Callable[[Tuple], bool] = lambda path: False) -> List[Tuple[Tuple, nnx.Variable, str]]:
+    """(path, variable, PyTorch key to read) for every parameter in `params` not `skip`ped.
 
-    A shared tensor may be stored under one or all of its keys; stored copies must be
-    equal. Raises StateDictMismatchError naming every missing, unexpected and mis-shaped
-    key (and differing copies) before anything is modified.
+    Only shapes are looked at (values may be lazy), except for a shared tensor stored
+    under several keys, whose copies are read and must be equal. Raises
+    StateDictMismatchError naming every missing, unexpected and mis-shaped key (and
+    differing copies) at once.
     """
-    params = param_paths(model)
     missing, mis_shaped, differing, known, chosen = [], [], [], set(), []
     for path, var in params:
         keys = keymap.torch_keys(path)
         known.update(keys)
+        if skip(path):
+            continue
         present = [k for k in keys if k in state_dict]
         if not present:
             missing.append(keys[0] if len(keys) == 1 else f"{keys[0]} (or any of {', '.join(keys[1:])})")
@@ -156,9 +159,20 @@ def load_state_dict(model: nnx.Module, state_dict: Mapping[str, object], keymap:
     unexpected = sorted(k for k in state_dict if k not in known and not keymap.is_ignored(k))
     if missing or unexpected or mis_shaped or differing:
         raise StateDictMismatchError(sorted(missing), unexpected, sorted(mis_shaped), source, differing)
-    for path, var, key in chosen:
-        value = from_torch_layout(path, to_numpy(state_dict[key]))
-        var.set_value(np.ascontiguousarray(value).astype(var.get_value().dtype))
+    return chosen
+
+
+def load_state_dict(model: nnx.Module, state_dict: Mapping[str, object], keymap: KeyMap, *,
+                    source: str = "state dict") -> None:
+    """Copies a PyTorch-keyed state dict into `model` in place (cast to each parameter's
+    dtype), after `match_state_dict` found it complete: on a mismatch nothing is modified."""
+    for path, var, key in match_state_dict(param_paths(model), state_dict, keymap, source=source):
+        var.set_value(from_torch_array(path, state_dict[key], var.get_value().dtype))
+
+
+def from_torch_array(path: Tuple, value, dtype) -> np.ndarray:
+    """One PyTorch tensor (or array-like) as our parameter: layout and dtype converted."""
+    return np.asarray(from_torch_layout(path, to_numpy(value)), dtype=dtype, order="C")
 
 
 def export_state_dict(model: nnx.Module, keymap: KeyMap) -> Dict[str, np.ndarray]:

@@ -9,6 +9,7 @@ batched and jitted per layer while the forward pass runs, restricted to the vali
 
 from __future__ import annotations
 
+import json
 import re
 
 import jax
@@ -122,3 +123,64 @@ def parse_official_log(text: str, source: str = "log"):
     if missing:
         raise ValueError(f"{source}: no ARank lines for layers {missing} (1-based)")
     return [sum(v) / len(v) for _, v in sorted(values.items())]
+
+
+def mod_layers_from_arank_json(path: str, *, num_layers: int, keep_dense=None, threshold=None) -> tuple:
+    """The MoD layers (sorted) of an ARank JSON document (`arank_report`) for a model with
+    `num_layers` decoder layers: its own selection, or with `keep_dense` / `threshold` a
+    new one from its per-layer means. ValueError naming the file for anything that does
+    not fit."""
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: ARank file not found") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read the ARank file ({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: expected a JSON object (an ARank report), got {type(doc).__name__}")
+    if doc.get("format", ARANK_FORMAT) != ARANK_FORMAT:
+        raise ValueError(f"{path}: format {doc['format']!r} is not {ARANK_FORMAT!r}")
+
+    def layer_list(key, values):
+        if not isinstance(values, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in values):
+            raise ValueError(f"{path}: '{key}' must be a list of layer indices, got {values!r}")
+        for i in values:
+            if not 0 <= i < num_layers:
+                raise ValueError(f"{path}: '{key}': layer {i} does not exist: the model has {num_layers} layers")
+        if len(set(values)) != len(values):
+            raise ValueError(f"{path}: '{key}' lists a layer twice: {values}")
+        return values
+
+    reselect = keep_dense is not None or threshold is not None
+    needed = ("layers",) if reselect else ("mod_layers", "dense_layers")
+    missing = [k for k in needed if k not in doc]
+    if missing:
+        raise ValueError(f"{path}: missing key(s) {missing} (an ARank report from launch.arank has "
+                         "'layers', 'dense_layers' and 'mod_layers')")
+    if not reselect:
+        mod, dense = layer_list("mod_layers", doc["mod_layers"]), layer_list("dense_layers", doc["dense_layers"])
+        both = sorted(set(mod) & set(dense))
+        if both:
+            raise ValueError(f"{path}: layers {both} are listed as both MoD and dense")
+        if "num_layers" in doc and doc["num_layers"] != num_layers:
+            raise ValueError(f"{path}: ARank of a {doc['num_layers']}-layer model; the model has {num_layers} layers")
+        return tuple(sorted(mod))
+    layers = doc["layers"]
+    if not isinstance(layers, list) or not all(isinstance(s, dict) and "layer" in s and "mean" in s for s in layers):
+        raise ValueError(f"{path}: 'layers' must be a list of {{'layer': i, 'mean': x, ...}} entries")
+    indices = layer_list("layers", [s["layer"] for s in layers])
+    if sorted(indices) != list(range(num_layers)):
+        absent = sorted(set(range(num_layers)) - set(indices))
+        raise ValueError(f"{path}: no ARank statistics for layers {absent}; the model has {num_layers} layers")
+    try:
+        means = [float(s["mean"]) for s in sorted(layers, key=lambda s: s["layer"])]
+    except (TypeError, ValueError):
+        raise ValueError(f"{path}: a layer's 'mean' is not a number") from None
+    try:
+        dense = select_dense_layers(means, keep_dense=keep_dense, threshold=threshold)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return tuple(i for i in range(num_layers) if i not in dense)

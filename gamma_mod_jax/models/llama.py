@@ -122,6 +122,16 @@ class LlamaDecoderLayer(nnx.Module):
         return (out, cache, probs) if return_probs else (out, cache)
 
 
+def make_router(hidden_size: int, mod: MoDConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Linear:
+    """The shared γ-MoD router [hidden, 2], no bias, computed in float32, initialised as
+    `mod.router_init` says (also used alone when a dense checkpoint is converted)."""
+    router = linear(hidden_size, 2, use_bias=False, dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
+    if mod.router_init == "xavier_uniform":
+        router.kernel.set_value(nnx.initializers.xavier_uniform()(
+            rngs.params(), router.kernel.get_value().shape, param_dtype))
+    return router
+
+
 class Llama(nnx.Module):
     """Decoder-only LM: `embed_tokens`, `layers`, `norm`, untied `lm_head`; with a MoD
     config, the layers it names become γ-MoD layers sharing one `router` [hidden, 2]."""
@@ -144,11 +154,7 @@ class Llama(nnx.Module):
                 raise ValueError(f"MoD layers {bad} do not exist: the model has {cfg.num_hidden_layers} layers")
             if len(self.mod.layers) == cfg.num_hidden_layers:
                 raise ValueError("at least one decoder layer must stay dense (it numbers decode positions)")
-            self.router = linear(cfg.hidden_size, 2, use_bias=False, dtype=jnp.float32, param_dtype=param_dtype,
-                                 rngs=rngs)
-            if self.mod.router_init == "xavier_uniform":
-                self.router.kernel.set_value(nnx.initializers.xavier_uniform()(
-                    rngs.params(), self.router.kernel.get_value().shape, param_dtype))
+            self.router = make_router(cfg.hidden_size, self.mod, param_dtype=param_dtype, rngs=rngs)
 
     @property
     def mod_layers(self) -> tuple:

@@ -1,0 +1,289 @@
+"""Our on-disk model checkpoint, and streaming import / export of HF-style PyTorch directories.
+
+A checkpoint directory holds `model_config.json` (our MLLMConfig) and `params/`, an Orbax
+PyTree checkpoint of the parameters (the nested dict of `nnx.state(model, nnx.Param)`).
+Every writer here builds the directory under a temporary sibling and renames it into
+place at the end, so an interrupted or failed write leaves nothing at the destination.
+
+Import and export stream: the PyTorch side is read tensor by tensor (shapes from the
+file headers), parameters are written to Orbax in parts (Orbax partial saving) and read
+back in parts, so peak memory is about one part plus one tensor, whatever the model size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
+
+import jax
+import numpy as np
+from flax import nnx
+from orbax.checkpoint.experimental import v1 as ocp
+
+from gamma_mod_jax.convert.hf_config import hf_config_from_mllm, mllm_config_from_hf, mllm_config_to_dict
+from gamma_mod_jax.convert.hf_files import (CheckpointError, LazyStateDict, SafetensorsShardWriter, read_json)
+from gamma_mod_jax.convert.keymap import (from_torch_array, match_state_dict, mllm_keymap, param_paths,
+                                          to_torch_layout)
+from gamma_mod_jax.models.config import MLLMConfig
+
+MODEL_CONFIG_FILE = "model_config.json"
+PARAMS_DIR = "params"
+Path = Tuple  # a parameter path, e.g. ('llm', 'layers', 3, 'mlp', 'up_proj', 'kernel')
+
+
+@contextlib.contextmanager
+def atomic_directory(dst: str):
+    """Yields a temporary sibling of `dst`, renamed to `dst` only if the block succeeds."""
+    dst = os.path.abspath(dst)
+    if os.path.exists(dst):
+        raise CheckpointError(f"{dst}: already exists; refusing to overwrite it")
+    parent = os.path.dirname(dst)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.partial-", dir=parent)
+    try:
+        yield tmp
+        os.rename(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _nest(items: Iterable[Tuple[Path, object]]) -> dict:
+    """{path: leaf} -> the nested dict Orbax stores (keys as strings)."""
+    out: dict = {}
+    for path, leaf in items:
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(str(key), {})
+        node[str(path[-1])] = leaf
+    return out
+
+
+def _flatten(tree: dict, prefix: Path = ()) -> List[Tuple[Tuple[str, ...], object]]:
+    out = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out += _flatten(value, prefix + (key,))
+        else:
+            out.append((prefix + (key,), value))
+    return out
+
+
+CONFIG_PY_FILE = "config.py"
+_CONFIG_PY = '''"""ml-collections config of the model checkpoint in this directory (written by gamma-mod-jax):
+`--config <this directory>/config.py` wherever a launcher takes a config."""
+
+import json
+import os
+
+import ml_collections
+
+
+def get_config(arg=None):
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_config.json")) as f:
+        return ml_collections.ConfigDict({"model": json.load(f)})
+'''
+
+
+def _write_config(directory: str, cfg: MLLMConfig) -> None:
+    """model_config.json, and config.py: the same as an ml-collections config file."""
+    with open(os.path.join(directory, MODEL_CONFIG_FILE), "w") as f:
+        json.dump(mllm_config_to_dict(cfg), f, indent=2)
+    with open(os.path.join(directory, CONFIG_PY_FILE), "w") as f:
+        f.write(_CONFIG_PY)
+
+
+def save_checkpoint(dst: str, model) -> None:
+    """Writes `model` (parameters + config) to a new directory `dst`, atomically."""
+    with atomic_directory(dst) as tmp:
+        params = _nest((path, np.asarray(var.get_value())) for path, var in param_paths(model))
+        ocp.save_pytree(os.path.join(tmp, PARAMS_DIR), params)
+        _write_config(tmp, model.config)
+
+
+def read_model_config(src: str) -> MLLMConfig:
+    path = os.path.join(src, MODEL_CONFIG_FILE)
+    try:
+        return MLLMConfig.from_dict(read_json(path))
+    except (TypeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: not a model config ({e})") from None
+
+
+def _load_params(src: str, abstract_leaves: Dict[Path, jax.ShapeDtypeStruct], partial: bool) -> Dict[Path, object]:
+    """{path: array} for the parameters named in `abstract_leaves` (all of them unless `partial`)."""
+    target = _nest(abstract_leaves.items())
+    params_dir = os.path.join(os.path.abspath(src), PARAMS_DIR)
+    if not os.path.isdir(params_dir):
+        raise CheckpointError(f"{params_dir}: no parameter checkpoint")
+    options = ocp.options.PyTreeOptions(loading=ocp.options.PyTreeOptions.Loading(partial_load=partial))
+    try:
+        with ocp.Context(pytree_options=options):
+            restored = ocp.load(params_dir, target)
+    except Exception as e:  # Orbax reports structure/shape mismatches in many exception types
+        raise CheckpointError(f"{params_dir}: does not match {os.path.join(src, MODEL_CONFIG_FILE)} "
+                              f"({type(e).__name__}: {str(e)[:2000]})") from None
+    by_string = {tuple(map(str, p)): p for p in abstract_leaves}
+    return {by_string[p]: leaf for p, leaf in _flatten(restored)}
+
+
+def load_checkpoint(src: str, sharding_for: Optional[Callable] = None, config: Optional[MLLMConfig] = None):
+    """Restores a model written by `save_checkpoint` / `convert_hf_checkpoint` onto any device
+    layout: `sharding_for(path, shape_dtype)` gives each parameter's target sharding
+    (default: the first device), so only each device's own slices are read.
+    `config`: restore with this config instead of the saved one (dtypes may differ)."""
+    from gamma_mod_jax.api import abstract_model  # convert/ -> models/: the API builds the model
+
+    cfg = config if config is not None else read_model_config(src)
+    model = abstract_model(cfg)
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    variables = dict(param_paths(model))
+    abstract = {}
+    for path, var in variables.items():
+        leaf = var.get_value()
+        abstract[path] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                              sharding=sharding_for(path, leaf) if sharding_for else default)
+    for path, value in _load_params(src, abstract, partial=False).items():
+        variables[path].set_value(value)
+    return model
+
+
+# --------------------------------------------------------------------------- import
+
+
+def _with_dtype(cfg: MLLMConfig, dtype: Optional[str], state_dict: LazyStateDict) -> MLLMConfig:
+    """Parameters and compute in `dtype`, by default in the dtype the LLM weights are stored in."""
+    if dtype is None:
+        stored = state_dict["model.embed_tokens.weight"].dtype if "model.embed_tokens.weight" in state_dict else None
+        dtype = stored if stored in ("float32", "bfloat16", "float16") else cfg.param_dtype
+    return dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
+
+
+
+def _source_mod_layers(cfg: MLLMConfig) -> tuple:
+    return () if cfg.mod is None else tuple(sorted(cfg.mod.layers))
+
+
+def convert_hf_checkpoint(src: str, dst: str, *, dtype: Optional[str] = None, mod=None, seed: int = 0,
+                          part_bytes: Optional[int] = None, log: Callable[[str], None] = print) -> MLLMConfig:
+    """Converts an original LLaVA / LLaVA-HR / γ-MoD checkpoint directory into our checkpoint
+    at `dst`, streaming shard by shard. `dtype`: parameter and compute dtype of the result
+    (default: as the config says). `mod`: a MoDConfig turning a dense checkpoint into a γ-MoD
+    one (the router drawn from `seed`). Returns the written model config."""
+    from gamma_mod_jax.api import abstract_model
+    from gamma_mod_jax.models.llama import make_router
+
+    state_dict = LazyStateDict(src)
+    config_path = os.path.join(src, "config.json")
+    source_cfg = mllm_config_from_hf(read_json(config_path), {k: state_dict[k].shape for k in state_dict},
+                                     source=config_path)
+    cfg = _with_dtype(source_cfg, dtype, state_dict)
+    if mod is not None:
+        if cfg.mod is not None:
+            raise CheckpointError(f"{config_path}: already a γ-MoD checkpoint (MoD layers {list(cfg.mod.layers)}); "
+                                  "an ARank selection applies to dense checkpoints only")
+        cfg = dataclasses.replace(cfg, mod=mod)
+    model = abstract_model(cfg)  # validates the config (e.g. MoD layers that do not exist)
+    adapting = mod is not None
+    keymap = mllm_keymap(cfg.family, _source_mod_layers(source_cfg))
+    params = param_paths(model)
+    is_router = lambda path: path[:2] == ("llm", "router")
+    chosen = match_state_dict(params, state_dict, keymap, source=src, skip=is_router if adapting else lambda p: False)
+
+    shards = sorted({state_dict.shard_of(key) for _, _, key in chosen})
+    sizes = {s: os.path.getsize(s) for s in shards}
+    budget = part_bytes if part_bytes is not None else max(max(sizes.values()) // 2, 1)
+    log(f"{src}: {cfg.family}, {cfg.llm.num_hidden_layers} LLM layers"
+        f"{'' if cfg.mod is None else f', γ-MoD layers {list(cfg.mod.layers)}'}; {len(chosen)} tensors in "
+        f"{len(shards)} file(s); writing {cfg.param_dtype} parameters to {dst}")
+    with atomic_directory(dst) as tmp:
+        params_dir = os.path.join(tmp, PARAMS_DIR)
+        part, part_size, written = [], 0, 0
+
+        def flush():
+            nonlocal part, part_size
+            if part:
+                ocp.partial.save(params_dir, _nest(part))
+            part, part_size = [], 0
+
+        for number, shard in enumerate(shards, 1):
+            entries = [(p, v, k) for p, v, k in chosen if state_dict.shard_of(k) == shard]
+            log(f"  [{number}/{len(shards)}] {os.path.basename(shard)}: {len(entries)} tensors, "
+                f"{sizes[shard] / 2**20:.1f} MiB")
+            for path, var, key in entries:
+                value = from_torch_array(path, state_dict[key], var.get_value().dtype)
+                if part and part_size + value.nbytes > budget:
+                    flush()
+                part.append((path, value))
+                part_size += value.nbytes
+                written += 1
+            state_dict.close(shard)
+        if adapting:
+            router = make_router(cfg.llm.hidden_size, cfg.mod, param_dtype=cfg.weight_dtype, rngs=nnx.Rngs(seed))
+            part += [(("llm", "router") + tuple(path), np.asarray(var.get_value()))
+                     for path, var in param_paths(router)]
+            log(f"  router initialised ({cfg.mod.router_init}, seed {seed}) for MoD layers {list(cfg.mod.layers)}")
+        flush()
+        ocp.partial.finalize(params_dir)
+        _write_config(tmp, cfg)
+    log(f"wrote {dst}")
+    return cfg
+
+
+def load_hf_checkpoint(src: str, *, dtype: Optional[str] = None):
+    """An original checkpoint directory as our model, in memory (small models, tests)."""
+    from gamma_mod_jax import api
+
+    state_dict = LazyStateDict(src)
+    config_path = os.path.join(src, "config.json")
+    cfg = mllm_config_from_hf(read_json(config_path), {k: state_dict[k].shape for k in state_dict},
+                              source=config_path)
+    cfg = _with_dtype(cfg, dtype, state_dict)
+    model = api.abstract_model(cfg)
+    api.load_torch_state_dict(model, state_dict, source=src)
+    return model
+
+
+# --------------------------------------------------------------------------- export
+
+
+def export_hf_checkpoint(src: str, dst: str, *, max_shard_bytes: int = 5 * 2**30,
+                         log: Callable[[str], None] = print) -> None:
+    """Writes our checkpoint `src` as an HF-style directory the original PyTorch code loads
+    (safetensors shards + index + config.json), streaming shard by shard, atomically."""
+    from gamma_mod_jax.api import abstract_model
+
+    cfg = read_model_config(src)
+    model = abstract_model(cfg)
+    keymap = mllm_keymap(cfg.family, _source_mod_layers(cfg))
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    groups: List[List[Tuple[Path, jax.ShapeDtypeStruct]]] = [[]]
+    size = 0
+    for path, var in param_paths(model):
+        leaf = var.get_value()
+        nbytes = int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize * len(keymap.torch_keys(path))
+        if groups[-1] and size + nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append((path, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=cpu)))
+        size += nbytes
+    log(f"{src}: exporting {cfg.family} to {dst} in {len(groups)} safetensors file(s)")
+    with atomic_directory(dst) as tmp:
+        writer = SafetensorsShardWriter(tmp, num_shards=len(groups))
+        for number, group in enumerate(groups, 1):
+            values = _load_params(src, dict(group), partial=True)
+            tensors = {}
+            for path, _ in group:
+                array = np.ascontiguousarray(to_torch_layout(path, np.asarray(values.pop(path))))
+                for key in keymap.torch_keys(path):
+                    tensors[key] = array
+            name = writer.write(tensors)
+            log(f"  [{number}/{len(groups)}] {name}: {len(tensors)} tensors")
+        writer.finish(hf_config_from_mllm(cfg))
+    log(f"wrote {dst}")

@@ -1,0 +1,122 @@
+"""config.json of the original LLaVA / LLaVA-HR / γ-MoD code <-> our MLLMConfig.
+
+Vision-tower sizes are not in config.json (it names a hub model), so they are read
+from the weights' shapes: CLIP from its patch/position embeddings and layer count,
+ConvNeXt-L vs -XXL from its stem and stage depths, MR-Adapters from their presence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Mapping
+
+from gamma_mod_jax.convert.hf_files import CheckpointError
+from gamma_mod_jax.models import presets
+from gamma_mod_jax.models.config import ClipConfig, ConvNextConfig, LlamaConfig, MLLMConfig
+
+KNOWN_MODEL_TYPES = ("llava", "llava_llama", "mod_llava_llama")
+LLAMA_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "rms_norm_eps", "rope_theta", "max_position_embeddings", "pad_token_id",
+                "bos_token_id", "eos_token_id")
+CLIP_HR = "model.vision_tower.fast_vision_tower.vision_tower.vision_model."
+CLIP_15 = "model.vision_tower.vision_tower.vision_model."
+CONVNEXT = "model.vision_tower.slow_vision_tower.vision_tower."
+# Our own config.json key (ignored by the PyTorch code): the vision and γ-MoD settings that
+# neither the original keys nor the weights' shapes determine, so exports import back exactly.
+EXTRA_KEY = "gamma_mod_jax"
+
+
+def _count(keys, pattern: str) -> int:
+    found = {int(m.group(1)) for k in keys for m in [re.match(pattern, k)] if m}
+    return max(found) + 1 if found else 0
+
+
+def mllm_config_from_hf(config: Mapping, shapes: Mapping[str, tuple], source: str = "config.json") -> MLLMConfig:
+    """Our config for an original checkpoint: its config.json and {key: shape} of its weights."""
+    model_type = config.get("model_type")
+    if model_type not in KNOWN_MODEL_TYPES:
+        raise CheckpointError(f"{source}: unknown model_type {model_type!r} (known: {', '.join(KNOWN_MODEL_TYPES)})")
+    llm = {k: config[k] for k in LLAMA_FIELDS if config.get(k) is not None}
+    hr = bool(config.get("is_multipath_encoder")) or "vision_tower_slow" in config
+    keys = list(shapes)
+    prefix = CLIP_HR if hr else CLIP_15
+    try:
+        d, _, patch, _ = shapes[prefix + "embeddings.patch_embedding.weight"]
+        n_pos = shapes[prefix + "embeddings.position_embedding.weight"][0]
+        mlp = shapes[prefix + "encoder.layers.0.mlp.fc1.weight"][0]
+    except KeyError as e:
+        raise CheckpointError(f"{source}: no CLIP vision tower weights ({e.args[0]} missing)") from None
+    grid = int(round((n_pos - 1) ** 0.5))
+    # Head count and norm eps are not in the weights: CLIP ViTs use 64-wide heads, unless
+    # a checkpoint we exported recorded its vision configs (EXTRA_KEY).
+    extra = config.get(EXTRA_KEY) or {}
+    clip_extra = {k: v for k, v in (extra.get("clip") or {}).items() if k in ("num_attention_heads", "layer_norm_eps")}
+    clip = ClipConfig(image_size=grid * patch, patch_size=patch, hidden_size=d, intermediate_size=mlp,
+                      num_hidden_layers=_count(keys, re.escape(prefix) + r"encoder\.layers\.(\d+)\."),
+                      **{"num_attention_heads": max(d // 64, 1), **clip_extra})
+    kw = dict(family="llava_hr" if hr else "llava", llm=LlamaConfig.from_dict(llm), clip=clip,
+              vision_select_layer=int(config.get("mm_vision_select_layer", -2)),
+              mm_hidden_size=int(config.get("mm_hidden_size", d)))
+    if hr:
+        stem = shapes.get(CONVNEXT + "stem.0.weight")
+        if stem is None:
+            raise CheckpointError(f"{source}: LLaVA-HR config but no ConvNeXt weights ({CONVNEXT}stem.0.weight)")
+        depths = tuple(_count(keys, re.escape(CONVNEXT) + rf"stages\.{s}\.blocks\.(\d+)\.") for s in range(4))
+        dims = tuple(shapes[CONVNEXT + f"stages.{s}.blocks.0.conv_dw.weight"][0] for s in range(4))
+        eps = presets.CONVNEXT_XXLARGE["layer_norm_eps"] if dims[0] >= 384 else presets.CONVNEXT_LARGE_MLP["layer_norm_eps"]
+        n_adapters = _count(keys, r"model\.vision_tower\.align_stages_latent\.(\d+)\.")
+        quarter = clip.num_hidden_layers // 4
+        eps = (extra.get("convnext") or {}).get("layer_norm_eps", eps)
+        after = extra.get("adapter_after_layers", [quarter * (k + 1) - 1 for k in range(n_adapters)])
+        kw.update(convnext=ConvNextConfig(depths=depths, dims=dims, layer_norm_eps=eps),
+                  input_image_size=int(config.get("input_image_size", 1024)),
+                  adapter_after_layers=tuple(int(i) for i in after))
+        if n_adapters:
+            kw["adapter_gate_hidden"] = shapes["model.vision_tower.align_stages_latent.0.gate.0.weight"][0]
+    else:
+        kw.update(input_image_size=clip.image_size, adapter_after_layers=())
+    if "adapter_gate_hidden" in extra and not kw.get("adapter_after_layers"):
+        kw["adapter_gate_hidden"] = int(extra["adapter_gate_hidden"])  # unused without adapters
+    if model_type == "mod_llava_llama":
+        from gamma_mod_jax.mod.config import MoDConfig
+        mod = config.get("mod") or {}
+        layers = mod.get("mod_layers_idx")
+        if not layers:
+            raise CheckpointError(f"{source}: model_type mod_llava_llama without mod.mod_layers_idx")
+        # The official code ignores `capacity_factor` and always skips half of the routable
+        # prefix: routing_ratio 0.5 reproduces it.
+        ours = dict(extra.get("mod") or {"routing_ratio": 0.5})
+        ours.update(layers=tuple(int(i) for i in layers), aux_loss_coef=float(mod.get("router_aux_loss_coef", 0.01)))
+        kw["mod"] = MoDConfig.from_dict(ours)
+    return MLLMConfig(**kw)
+
+
+def hf_config_from_mllm(cfg: MLLMConfig) -> dict:
+    """config.json for exporting our model to the original PyTorch code."""
+    out = {k: getattr(cfg.llm, k) for k in LLAMA_FIELDS}
+    out["num_key_value_heads"] = cfg.llm.kv_heads
+    out.update(architectures=["LlavaLlamaForCausalLM"], model_type="llava", mm_projector_type=cfg.projector_type,
+               mm_hidden_size=cfg.mm_hidden_size, mm_vision_select_layer=cfg.vision_select_layer,
+               mm_vision_select_feature="patch", mm_vision_tower="openai/clip-vit-large-patch14-336",
+               image_aspect_ratio="pad", mm_use_im_start_end=False, mm_use_im_patch_token=False,
+               tie_word_embeddings=False)
+    if cfg.family == "llava_hr":
+        out.update(is_multipath_encoder=True, input_image_size=cfg.input_image_size,
+                   vision_tower_slow="convnext_xxlarge" if cfg.convnext.dims[0] >= 384 else "convnext_large_mlp",
+                   freeze_vision=not cfg.adapter_after_layers)
+    out[EXTRA_KEY] = {"clip": dataclasses.asdict(cfg.clip),
+                       "convnext": None if cfg.convnext is None else dataclasses.asdict(cfg.convnext),
+                       "adapter_after_layers": list(cfg.adapter_after_layers),
+                       "adapter_gate_hidden": cfg.adapter_gate_hidden,
+                       "mod": None if cfg.mod is None else dataclasses.asdict(cfg.mod)}
+    if cfg.mod is not None:
+        out.update(model_type="mod_llava_llama", architectures=["MoDLLaVALlamaForCausalLM"],
+                   mod=dict(mod_enable=True, mod_mode="arank_mod", mod_layers_idx=list(cfg.mod.layers),
+                            capacity_factor=cfg.mod.routing_ratio, router_aux_loss_coef=cfg.mod.aux_loss_coef))
+    return out
+
+
+def mllm_config_to_dict(cfg: MLLMConfig) -> dict:
+    """Our config as plain JSON-able data (MLLMConfig.from_dict reads it back)."""
+    return dataclasses.asdict(cfg)

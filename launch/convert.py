@@ -1,0 +1,78 @@
+"""Converts checkpoints between the original PyTorch code and ours.
+
+    python -m launch.convert --src <hf dir> --dst <dir> [--arank <file>] [--dtype bf16|fp32]
+    python -m launch.convert --export --src <our checkpoint> --dst <hf dir>
+
+Import reads an HF-style directory (config.json plus `model*.safetensors` or
+`pytorch_model*.bin`, sharded with an index or single) of LLaVA-1.5, LLaVA-HR or γ-MoD and
+writes an Orbax checkpoint with `model_config.json` and `config.py` (an ml-collections
+config) beside it. `--arank` turns a dense checkpoint into a γ-MoD one: MoD layers from a
+γ-MoD config.json, our ARank JSON or the official ARank log (rule: --keep-dense N, default
+4, or --threshold X), the shared router initialised as the MoD config says.
+`--export` writes our checkpoint back as safetensors shards + index + config.json.
+Both directions stream tensor by tensor and write atomically: on any error nothing is
+left at --dst and the exit status is 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32"}
+
+
+def _parser():
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--src", required=True, help="HF-style directory (or our checkpoint with --export)")
+    parser.add_argument("--dst", required=True, help="new directory to write (must not exist)")
+    parser.add_argument("--export", action="store_true", help="our checkpoint -> HF-style safetensors directory")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="parameter/compute dtype of the imported model (default: as in the source)")
+    parser.add_argument("--arank", default=None, help="γ-MoD config.json, ARank JSON or official ARank log")
+    rule = parser.add_mutually_exclusive_group()
+    rule.add_argument("--keep-dense", type=int, default=None, help="keep the N highest-ARank layers dense (default 4)")
+    rule.add_argument("--threshold", type=float, default=None, help="keep layers with ARank >= X dense")
+    parser.add_argument("--routing-ratio", type=float, default=0.5, help="share of routable tokens skipped (γ-MoD)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the router initialisation")
+    parser.add_argument("--max-shard-gb", type=float, default=5.0, help="--export: largest safetensors shard")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    from gamma_mod_jax.convert.checkpoint import convert_hf_checkpoint, export_hf_checkpoint
+    from gamma_mod_jax.convert.hf_files import read_json
+    from gamma_mod_jax.mod.config import MoDConfig
+    from gamma_mod_jax.mod.layer_selection import read_layer_selection
+
+    try:
+        if args.export:
+            if args.arank or args.dtype:
+                raise ValueError("--arank and --dtype apply to import, not --export")
+            export_hf_checkpoint(args.src, args.dst, max_shard_bytes=int(args.max_shard_gb * 2**30))
+            return 0
+        mod = None
+        if args.arank:
+            num_layers = read_json(os.path.join(args.src, "config.json")).get("num_hidden_layers")
+            if not isinstance(num_layers, int):
+                raise ValueError(f"{os.path.join(args.src, 'config.json')}: no integer num_hidden_layers")
+            layers, origin = read_layer_selection(args.arank, num_layers=num_layers, keep_dense=args.keep_dense,
+                                                  threshold=args.threshold)
+            print(f"MoD layers {list(layers)} from {origin}")
+            mod = MoDConfig(layers=layers, routing_ratio=args.routing_ratio)
+        elif args.keep_dense is not None or args.threshold is not None:
+            raise ValueError("--keep-dense / --threshold need --arank")
+        cfg = convert_hf_checkpoint(args.src, args.dst, dtype=DTYPES.get(args.dtype), mod=mod, seed=args.seed)
+        print(json.dumps({"dst": os.path.abspath(args.dst), "family": cfg.family,
+                          "mod_layers": [] if cfg.mod is None else list(cfg.mod.layers)}))
+        return 0
+    except (ValueError, OSError) as e:  # CheckpointError, StateDictMismatchError are ValueErrors
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
