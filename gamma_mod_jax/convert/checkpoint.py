@@ -102,7 +102,7 @@ def save_checkpoint(dst: str, model) -> None:
     """Writes `model` (parameters + config) to a new directory `dst`, atomically."""
     with atomic_directory(dst) as tmp:
         params = _nest((path, np.asarray(var.get_value())) for path, var in param_paths(model))
-        ocp.save_pytree(os.path.join(tmp, PARAMS_DIR), params)
+        ocp.save(os.path.join(tmp, PARAMS_DIR), params)
         _write_config(tmp, model.config)
 
 
@@ -122,9 +122,10 @@ def _load_params(src: str, abstract_leaves: Dict[Path, jax.ShapeDtypeStruct], pa
     params_dir = os.path.join(os.path.abspath(src), PARAMS_DIR)
     if not os.path.isdir(params_dir):
         raise CheckpointError(f"{params_dir}: no parameter checkpoint")
-    options = ocp.options.PyTreeOptions(loading=ocp.options.PyTreeOptions.Loading(partial_load=partial))
+    context = ocp.Context()
+    context.pytree.loading.partial_load = partial
     try:
-        with ocp.Context(pytree_options=options):
+        with context:
             restored = ocp.load(params_dir, target)
     except Exception as e:  # Orbax reports structure/shape mismatches in many exception types
         raise CheckpointError(f"{params_dir}: does not match {os.path.join(src, MODEL_CONFIG_FILE)} "

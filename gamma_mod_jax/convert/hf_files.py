@@ -13,6 +13,7 @@ import json
 import os
 from typing import Dict, Iterator, Mapping, Tuple
 
+import ml_dtypes
 import numpy as np
 
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -54,37 +55,57 @@ def weight_files(src: str) -> Dict[str, str]:
 
 
 class _SafetensorsFile:
+    """A safetensors file read with positioned reads (no memory map, no torch): only the
+    tensor being converted is resident, whatever the shard size."""
+
     def __init__(self, path: str):
         from safetensors import safe_open
         try:
-            self._file = safe_open(path, framework="numpy")
+            with safe_open(path, framework="numpy"):  # validates the header
+                pass
+            size = os.path.getsize(path)
+            with open(path, "rb") as f:
+                header_len = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(header_len))
         except Exception as e:  # truncated or corrupt header
             raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
         self.path = path
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(header_len))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        if 8 + header_len + end > size:
+        self._data_start = 8 + header_len
+        self._header = {k: v for k, v in header.items() if k != "__metadata__"}
+        end = max((v["data_offsets"][1] for v in self._header.values()), default=0)
+        if self._data_start + end > size:
             raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, header promises "
-                                  f"{8 + header_len + end})")
+                                  f"{self._data_start + end})")
 
     def keys(self):
-        return list(self._file.keys())
+        return list(self._header)
 
     def shape(self, key) -> Tuple[int, ...]:
-        return tuple(self._file.get_slice(key).get_shape())
+        return tuple(self._header[key]["shape"])
 
     def dtype(self, key) -> str:
-        name = self._file.get_slice(key).get_dtype()
+        name = self._header[key]["dtype"]
         return SAFETENSORS_DTYPES.get(name, name.lower())
 
     def load(self, key) -> np.ndarray:
+        info = self._header[key]
+        begin, end = info["data_offsets"]
         try:
-            return self._file.get_tensor(key)
-        except Exception as e:
-            raise CheckpointError(f"{self.path}: cannot read tensor {key!r} ({e})") from None
+            dtype = np.dtype(ml_dtypes.bfloat16) if info["dtype"] == "BF16" else np.dtype(
+                {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
+                 "U8": "u1", "BOOL": "?"}[info["dtype"]])
+        except KeyError:
+            raise CheckpointError(f"{self.path}: tensor {key!r} has unsupported dtype {info['dtype']}") from None
+        count = (end - begin) // dtype.itemsize
+        if count != int(np.prod(info["shape"], dtype=np.int64)):
+            raise CheckpointError(f"{self.path}: tensor {key!r} holds {end - begin} bytes, not a "
+                                  f"{info['dtype']} array of shape {tuple(info['shape'])}")
+        with open(self.path, "rb") as f:
+            f.seek(self._data_start + begin)
+            value = np.fromfile(f, dtype=dtype, count=count)
+        if value.size != count:
+            raise CheckpointError(f"{self.path}: tensor {key!r} is cut short")
+        return value.reshape(info["shape"])
 
 
 class _TorchBinFile:
