@@ -9,6 +9,11 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# Tests build the same tiny models again and again: reuse compiled executables across
+# tests and runs (the cache is keyed by the computation, so a change recompiles).
+jax.config.update("jax_compilation_cache_dir", os.environ.get("GAMMA_MOD_JAX_TEST_JIT_CACHE",
+                                                              "/tmp/gamma_mod_jax_test_jit_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def rel_err(a, b) -> float:

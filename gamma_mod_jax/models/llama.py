@@ -122,6 +122,10 @@ class LlamaDecoderLayer(nnx.Module):
         return (out, cache, probs) if return_probs else (out, cache)
 
 
+# "full": save nothing inside a layer; "dots": keep matmul outputs without batch dims.
+REMAT_POLICIES = {"none": None, "full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
 def make_router(hidden_size: int, mod: MoDConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Linear:
     """The shared γ-MoD router [hidden, 2], no bias, computed in float32, initialised as
     `mod.router_init` says (also used alone when a dense checkpoint is converted)."""
@@ -141,6 +145,9 @@ class Llama(nnx.Module):
         self.config = cfg
         self.mod = mod if mod is not None and mod.enabled else None
         self.dtype = dtype
+        # Activation rematerialisation in training passes: a REMAT_POLICIES key, set by
+        # the trainer (a training choice, not part of the model config).
+        self.remat = "none"
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
                                       embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
         self.layers = nnx.List([LlamaDecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -183,9 +190,15 @@ class Llama(nnx.Module):
         """
         mask = causal_mask(token_valid_bs) if caches is None else None
         new_caches, mod_aux, probed = [], [], []
+        remat = self.remat != "none" and caches is None and attention_probe is None
         for i, layer in enumerate(self.layers):
             cache = None if caches is None else caches[i]
-            if i in self.mod_layers:
+            if remat:  # training: recompute each layer's activations in the backward pass
+                x_bsd, layer_aux = self._remat_layer(i, layer, x_bsd, positions_bs, mask, token_valid_bs,
+                                                     token_types_bs, routing)
+                if layer_aux is not None:
+                    mod_aux.append(layer_aux)
+            elif i in self.mod_layers:
                 x_bsd, cache, layer_aux = self._mod_layer(layer, x_bsd, positions_bs, token_valid_bs, token_types_bs,
                                                           cache, routing)
                 mod_aux.append(layer_aux)
@@ -199,6 +212,23 @@ class Llama(nnx.Module):
         if attention_probe is not None:
             aux = {**aux, "attention_probe": probed}
         return self.norm(x_bsd), (None if caches is None else new_caches), aux
+
+    def _remat_layer(self, i, layer, x_bsd, positions_bs, mask, token_valid_bs, token_types_bs, routing):
+        policy = REMAT_POLICIES[self.remat]
+        if i in self.mod_layers:
+            if routing != "capacity":
+                raise ValueError("rematerialisation applies to training passes (capacity routing) only")
+            mod, num_skipped = self.mod, self.mod.num_skipped(x_bsd.shape[1], 0)  # static values, no module
+
+            def run_mod(layer, router, x, positions, valid, types):
+                out, _, aux = mod_layer_capacity(layer, router, x, positions, valid, types, mod, num_skipped, None)
+                return out, aux
+            return nnx.remat(run_mod, policy=policy)(layer, self.router, x_bsd, positions_bs, token_valid_bs,
+                                                     token_types_bs)
+
+        def run_dense(layer, x, positions, mask, valid):
+            return layer(x, positions, mask, None, valid)[0]
+        return nnx.remat(run_dense, policy=policy)(layer, x_bsd, positions_bs, mask, token_valid_bs), None
 
     def _mod_layer(self, layer, x_bsd, positions_bs, token_valid_bs, token_types_bs, cache, routing):
         if token_types_bs is None:

@@ -1,0 +1,105 @@
+"""Training recipes (ml-collections): `--config configs/train.py:<recipe>[,tiny]`.
+
+Recipes (hyperparameters from the papers / official scripts, see ../shared/reference):
+  llava_hr_7b_stage1     LLaVA-HR-7B alignment: projector + fusion trained, LCS-558K,
+                         lr 1e-3, global batch 256, 1 epoch, warmup 3%, cosine, wd 0
+  llava_hr_7b_mod0.34    γ-MoD stage 2 on LLaVA-HR-7B, routing ratio 0.34 (the released model)
+  llava_hr_7b_mod0.5     ... routing ratio 0.5
+  llava_hr_13b_mod0.34, llava_hr_x_13b_mod0.34, llava15_7b_mod0.3
+Stage 2 (γ-MoD): mix665k with `<image>` moved to the front, lr 2e-5 for every parameter
+(vision tower not frozen, no separate router lr), wd 0, warmup 3%, cosine, 1 epoch, global
+batch 128, bf16 compute, rematerialisation, max length 2496, routing-loss coefficient 0.01.
+`tiny` swaps in the test-sized model twin, a few steps and small batches (smoke runs, tests).
+Override anything on the command line: `--config.optim.learning_rate=1e-4`.
+"""
+
+import ml_collections
+
+from configs import _model
+
+MIX665K_RECORDS = 665_298
+LCS558K_RECORDS = 558_128
+
+MODELS = {
+    "llava_hr_7b": ("configs/llava_hr_7b.py", "llava_hr"),
+    "llava_hr_13b": ("configs/llava_hr_13b.py", "llava_hr"),
+    "llava_hr_x_13b": ("configs/llava_hr_x_13b.py", "llava_hr"),
+    "llava15_7b": ("configs/llava15_7b.py", "llava"),
+}
+STAGE1_TRAINABLE = [("projector/.*", True), ("vision/fusion/.*", True), (".*", False)]
+ALL_TRAINABLE = [(".*", True)]
+
+
+def data_config(**overrides):
+    d = ml_collections.ConfigDict(dict(
+        source="llava_json",          # llava_json | tfds | easy_vqa
+        json_path="", image_dir="", tfds_name="", tfds_data_dir="", split="train",
+        tokenizer_path="",            # a local directory transformers can load
+        buckets=(2496,),              # static text lengths; a batch is padded to the smallest that fits
+        truncation="drop",            # drop | truncate_right (counted either way)
+        move_image_to_front=False,    # the official mix665k rewrite
+        image_size=0,                 # 0: the model's input size
+        batch_size=1,                 # per process and micro-batch
+        shuffle_seed=0, num_epochs=1, worker_count=0, drop_remainder=True))
+    d.update(overrides)
+    return d
+
+
+def base_config(model_file, model_arg, *, stage, global_batch, micro_batch, records, lr, max_len):
+    from gamma_mod_jax.config_file import load_config
+
+    config = ml_collections.ConfigDict()
+    config.model = load_config(f"{model_file}:{model_arg}").model
+    config.init_checkpoint = ""        # our checkpoint dir (stage 2: the stage-1 / adapted model)
+    config.seed = 0
+    config.data = data_config(buckets=(max_len,), batch_size=micro_batch,
+                              move_image_to_front=stage == 2)
+    config.optim = ml_collections.ConfigDict(dict(
+        learning_rate=lr, warmup_ratio=0.03, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=1.0,
+        accumulation_steps=max(global_batch // micro_batch, 1),
+        freeze=STAGE1_TRAINABLE if stage == 1 else ALL_TRAINABLE))
+    config.train = ml_collections.ConfigDict(dict(
+        num_steps=max(records // global_batch, 1), log_every=10, checkpoint_every=500, keep_checkpoints=3,
+        async_checkpoints=True, max_nonfinite_in_a_row=20, remat="full", tensorboard=True, progress_bar=True))
+    return config
+
+
+def get_config(arg=None):
+    parts = [p for p in (arg or "llava_hr_7b_mod0.34").split(",") if p]
+    recipe, tiny = parts[0], "tiny" in parts[1:]
+    unknown = [p for p in parts[1:] if p != "tiny"]
+    if unknown:
+        raise ValueError(f"unknown recipe options {unknown}; use <recipe>[,tiny]")
+    if recipe.endswith("_stage1"):
+        model, stage, ratio = recipe[: -len("_stage1")], 1, None
+    elif "_mod" in recipe:
+        model, ratio = recipe.split("_mod")
+        stage = 2
+    else:
+        raise ValueError(f"unknown recipe {recipe!r}; see configs/train.py")
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r} in recipe {recipe!r}; known: {sorted(MODELS)}")
+    model_file, family = MODELS[model]
+    model_arg = ",".join(filter(None, ["tiny" if tiny else "", "stage1" if stage == 1 and family == "llava_hr" else "",
+                                       f"mod={ratio}" if stage == 2 else "",
+                                       "" if tiny else "dtype=bf16"]))
+    if stage == 1:
+        config = base_config(model_file, model_arg, stage=1, global_batch=256, micro_batch=16,
+                             records=LCS558K_RECORDS, lr=1e-3, max_len=2048)
+        if family == "llava_hr":
+            config.model.input_image_size = 384 if not tiny else config.model.input_image_size  # 576 tokens
+    else:
+        config = base_config(model_file, model_arg, stage=2, global_batch=128, micro_batch=4,
+                             records=MIX665K_RECORDS, lr=2e-5, max_len=2496)
+    if tiny:
+        config.data.batch_size = 2
+        config.data.buckets = (48, 96)
+        config.optim.accumulation_steps = 1
+        config.optim.learning_rate = 1e-3
+        config.train.num_steps = 6
+        config.train.log_every = 1
+        config.train.checkpoint_every = 3
+        config.train.remat = "none"
+        config.train.progress_bar = False
+        config.train.async_checkpoints = False
+    return config

@@ -1,0 +1,1 @@
+"""Training: optimizer, step, metrics, checkpoints and the loop."""

@@ -1,0 +1,75 @@
+"""Optimiser of a training run: AdamW with warmup + cosine, weight decay, gradient
+clipping, regex freeze rules and gradient accumulation, all from optax.
+
+Freeze rules are `(regex, trainable)` pairs matched in order against each parameter's
+path joined by "/" (e.g. `projector/fc1/kernel`, `llm/layers/3/mlp/up_proj/kernel`); the
+first match decides, and a parameter no rule matches is an error (a typo in a rule must
+not silently freeze or train the whole model).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable, Sequence, Tuple
+
+import jax
+import optax
+from flax import nnx
+
+
+def path_string(path) -> str:
+    return "/".join(str(getattr(p, "key", p)) for p in path)
+
+
+def trainable_mask(params_state, rules: Sequence[Tuple[str, bool]]):
+    """A pytree of bools like `params_state`: True where the parameter is trained."""
+    compiled = [(re.compile(pattern), bool(trainable)) for pattern, trainable in rules]
+
+    def decide(path, _):
+        name = path_string(path)
+        for pattern, trainable in compiled:
+            if pattern.fullmatch(name):
+                return trainable
+        raise ValueError(f"no freeze rule matches parameter {name!r}; add a catch-all rule like ('.*', False)")
+
+    return jax.tree_util.tree_map_with_path(decide, params_state)
+
+
+def learning_rate_schedule(*, learning_rate: float, num_steps: int, warmup_ratio: float = 0.0,
+                           warmup_steps: int | None = None, end_ratio: float = 0.0):
+    """Linear warmup then cosine decay to `end_ratio * learning_rate` at `num_steps`
+    (optimizer updates, i.e. after gradient accumulation)."""
+    warmup = int(warmup_steps if warmup_steps is not None else round(warmup_ratio * num_steps))
+    warmup = min(max(warmup, 0), max(num_steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=learning_rate, warmup_steps=warmup,
+                                              decay_steps=max(num_steps, 1), end_value=learning_rate * end_ratio)
+
+
+def make_optimizer(optim_cfg, params_state, num_steps: int):
+    """optax transformation for `params_state` (an nnx.State of the parameters).
+
+    optim_cfg fields: learning_rate, warmup_ratio, weight_decay, b1, b2, eps, grad_clip_norm
+    (0 = off), accumulation_steps, freeze (list of (regex, trainable))."""
+    schedule = learning_rate_schedule(learning_rate=optim_cfg.learning_rate, num_steps=num_steps,
+                                      warmup_ratio=optim_cfg.warmup_ratio)
+    # No weight decay on vectors (norm scales, biases), as the HF Trainer does for LLaVA.
+    decay_mask = jax.tree.map(lambda x: x.ndim >= 2, params_state)
+    chain = []
+    if optim_cfg.grad_clip_norm and optim_cfg.grad_clip_norm > 0:
+        chain.append(optax.clip_by_global_norm(optim_cfg.grad_clip_norm))
+    chain.append(optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
+                             weight_decay=optim_cfg.weight_decay, mask=decay_mask))
+    tx = optax.chain(*chain)
+    mask = trainable_mask(params_state, optim_cfg.freeze)
+    labels = jax.tree.map(lambda t: "train" if t else "freeze", mask)
+    tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+    if optim_cfg.accumulation_steps > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=optim_cfg.accumulation_steps)
+    return tx, schedule, mask
+
+
+def count_trainable(params_state, mask) -> Tuple[int, int]:
+    sizes = jax.tree.map(lambda x: int(x.size), params_state)
+    total = sum(jax.tree.leaves(sizes))
+    trained = sum(s for s, m in zip(jax.tree.leaves(sizes), jax.tree.leaves(mask)) if m)
+    return trained, total

@@ -1,0 +1,188 @@
+"""The trainer on the tiny model with a synthetic Grain dataset: metrics, resume with the
+same losses, freeze rules, gradient accumulation, non-finite guard, SIGTERM, adaptation."""
+
+import json
+import os
+import signal
+
+import grain
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from gamma_mod_jax import api as gm
+from gamma_mod_jax import token_types as tt
+from gamma_mod_jax.config_file import load_config
+from gamma_mod_jax.convert.checkpoint import save_checkpoint
+from gamma_mod_jax.convert.keymap import param_paths
+from gamma_mod_jax.train.metrics import read_metrics
+from gamma_mod_jax.train.optim import path_string
+from gamma_mod_jax.train.trainer import TrainingError, model_for_training, train
+
+T = 24
+
+
+def example(index: int, image_size: int, seed: int, poison=()):
+    """One right-padded sample: BOS, 2 system tokens, the image, a question, an answer."""
+    rng = np.random.default_rng([seed, index])
+    length = int(rng.integers(14, T + 1))
+    ids = rng.integers(3, 250, size=T).astype(np.int32)
+    ids[0], ids[3] = 1, -200
+    types = np.full(T, tt.QUESTION, np.int32)
+    types[:3], types[3] = tt.SYSTEM, tt.IMAGE
+    answer = length - 4
+    types[answer:length] = tt.ANSWER
+    labels = np.where((np.arange(T) >= answer) & (np.arange(T) < length), ids, -100).astype(np.int32)
+    mask = (np.arange(T) < length).astype(np.int32)
+    ids, types = np.where(mask == 1, ids, 0), np.where(mask == 1, types, tt.PADDING)
+    pixels = rng.standard_normal((image_size, image_size, 3)).astype(np.float32)
+    if index in poison:
+        pixels[:] = np.nan
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "token_types": types,
+            "pixel_values": pixels}
+
+
+def synthetic_iterator(batch_size, seed=0, poison=(), size=64):
+    def make(config, model_cfg):
+        ds = grain.MapDataset.range(size).shuffle(seed=seed).map(
+            lambda i: example(int(i), model_cfg.input_image_size, seed, poison))
+        return iter(ds.repeat(None).batch(batch_size, drop_remainder=True).to_iter_dataset())
+    return make
+
+
+def tiny_config(recipe="llava_hr_7b_mod0.5,tiny", **train):
+    config = load_config(f"configs/train.py:{recipe}")
+    config.train.update(train)
+    return config
+
+
+def losses(workdir):
+    return [(r["step"], r["loss"]) for r in read_metrics(workdir)]
+
+
+def test_training_writes_metrics_and_resumes_with_the_same_losses(tmp_path):
+    config = tiny_config(num_steps=6, checkpoint_every=3)
+    full = train(config, str(tmp_path / "full"), make_data_iterator=synthetic_iterator(2), log=lambda *_: None)
+    assert full["status"] == "finished" and full["step"] == 6
+    records = read_metrics(tmp_path / "full")
+    assert [r["step"] for r in records] == list(range(1, 7))
+    for key in ("loss", "lm_loss", "routing_loss", "skip_ratio", "tokens_per_sec", "step_time", "learning_rate",
+                "grad_norm", "skip_ratio_per_layer"):
+        assert key in records[0], key
+    assert 0.05 < records[0]["skip_ratio"] < 0.7 and records[0]["routing_loss"] > 0
+    assert os.listdir(tmp_path / "full" / "tensorboard")
+    # the same run stopped (SIGTERM) after 3 steps and resumed
+    stopped = train(config, str(tmp_path / "resumed"), make_data_iterator=terminating_iterator(synthetic_iterator(2), 3),
+                    log=lambda *_: None)
+    assert stopped["status"] == "stopped by SIGTERM" and stopped["step"] == 3
+    resumed = train(config, str(tmp_path / "resumed"), make_data_iterator=synthetic_iterator(2), log=lambda *_: None)
+    assert resumed["step"] == 6
+    got, want = losses(tmp_path / "resumed"), losses(tmp_path / "full")
+    assert [s for s, _ in got] == [s for s, _ in want]
+    np.testing.assert_allclose([l for _, l in got], [l for _, l in want], rtol=1e-5)
+
+
+def test_stage1_freeze_rules_train_only_projector_and_fusion(tmp_path):
+    config = tiny_config("llava_hr_7b_stage1,tiny", num_steps=2)
+    before = {path_string(p): np.asarray(v.get_value()) for p, v in param_paths(model_for_training(config, log=print))}
+    out = train(config, str(tmp_path), make_data_iterator=synthetic_iterator(2), log=lambda *_: None)
+    after = {path_string(p): np.asarray(v) for p, v in
+             jax.tree_util.tree_flatten_with_path(out["state"].params.to_pure_dict())[0]}
+    changed = {k for k in before if not np.array_equal(before[k], after[k])}
+    assert changed, "nothing trained"
+    assert all(k.startswith(("projector/", "vision/fusion/")) for k in changed), sorted(changed)[:5]
+    assert {k for k in before if k.startswith("projector/")} <= changed
+
+
+def test_gradient_accumulation_equals_the_large_batch(tmp_path):
+    """Two micro-batches of 2 with equal supervised-token counts = one batch of 4."""
+    def fixed(batch_size):
+        def make(config, model_cfg):
+            items = [example(i, model_cfg.input_image_size, 0) for i in range(4)]
+            for item in items:  # same supervised count everywhere: mean of means = global mean
+                item["labels"][:] = -100
+                item["labels"][8:12] = item["input_ids"][8:12]
+            ds = grain.MapDataset.source(items).batch(batch_size)
+            return iter(ds.to_iter_dataset())
+        return make
+
+    results = []
+    recipe = "llava15_7b_mod0.3,tiny"  # the cheaper tower: two compilations here
+    for batch_size, accumulation in ((4, 1), (2, 2)):
+        config = tiny_config(recipe, num_steps=1)
+        config.optim.accumulation_steps = accumulation
+        # eps >> |g| turns Adam's first step into lr * g, so the update shows the gradient's
+        # scale (Adam alone is scale invariant and would hide a sum-instead-of-mean bug).
+        config.optim.eps = 1.0
+        config.optim.learning_rate = 1.0
+        out = train(config, str(tmp_path / f"a{accumulation}"), make_data_iterator=fixed(batch_size),
+                    log=lambda *_: None)
+        results.append(jax.tree.leaves(out["state"].params.to_pure_dict()))
+    init = jax.tree.leaves(nnx.state(model_for_training(tiny_config(recipe), log=lambda *_: None), nnx.Param).to_pure_dict())
+    deltas = [[np.asarray(p, np.float64) - np.asarray(i, np.float64) for p, i in zip(r, init)] for r in results]
+    assert max(float(np.abs(d).max()) for d in deltas[0]) > 1e-4  # the update is visible
+    for large, accumulated in zip(*deltas):
+        np.testing.assert_allclose(accumulated, large, rtol=1e-3, atol=1e-7)
+
+
+def test_nonfinite_steps_are_skipped_then_stop_with_a_checkpoint(tmp_path):
+    # batch 1: example order is shuffled, so poison every example after the first few steps
+    config = tiny_config(num_steps=8, checkpoint_every=100, max_nonfinite_in_a_row=2)
+    order = list(grain.MapDataset.range(64).shuffle(seed=0))
+    poison = set(int(i) for i in order[2:])
+    with pytest.raises(TrainingError, match="non-finite"):
+        train(config, str(tmp_path), make_data_iterator=synthetic_iterator(1, poison=poison), log=lambda *_: None)
+    records = read_metrics(tmp_path)
+    assert records[-1]["nonfinite_total"] == 3
+    assert records[1]["finite"] is True and records[2]["finite"] is False
+    assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [5]
+
+
+def terminating_iterator(make_inner, at_draw):
+    """Data whose `at_draw`-th batch request sends this process SIGTERM (then serves the batch)."""
+    def make(config_, model_cfg):
+        inner = make_inner(config_, model_cfg)
+
+        class Terminating:
+            drawn = 0
+
+            def __next__(self):
+                Terminating.drawn += 1
+                if Terminating.drawn == at_draw:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return next(inner)
+
+            def get_state(self):
+                return inner.get_state()
+
+            def set_state(self, state):
+                inner.set_state(state)
+
+        return Terminating()
+    return make
+
+
+def test_sigterm_saves_and_stops_cleanly(tmp_path):
+    config = tiny_config(num_steps=6, checkpoint_every=100)
+    out = train(config, str(tmp_path), make_data_iterator=terminating_iterator(synthetic_iterator(2), 2),
+                log=lambda *_: None)
+    assert out["status"] == "stopped by SIGTERM" and out["step"] == 2
+    assert "2" in os.listdir(tmp_path / "checkpoints")
+
+
+def test_dense_checkpoint_is_adapted_to_the_gamma_mod_config(tmp_path):
+    dense_cfg = gm.model_config("configs/llava_hr_7b.py:tiny")
+    dense = gm.build_model(dense_cfg, seed=3)
+    save_checkpoint(str(tmp_path / "dense"), dense)
+    config = tiny_config()
+    config.init_checkpoint = str(tmp_path / "dense")
+    model = model_for_training(config, log=lambda *_: None)
+    assert model.config.mod.layers == (1, 2)
+    theirs = dict(param_paths(dense))
+    for path, var in param_paths(model):
+        if path[:2] != ("llm", "router"):
+            np.testing.assert_array_equal(np.asarray(var.get_value()), np.asarray(theirs[path].get_value()))
+    config.model.llm["hidden_size"] = 32
+    with pytest.raises(ValueError, match="differs from config.model in \\['llm'\\]"):
+        model_for_training(config, log=lambda *_: None)
