@@ -1,0 +1,667 @@
+"""The training input pipeline (Grain) and evaluation prompts for LLaVA-format data.
+
+    source (sources.py)  ->  [process_index::process_count]  ->  shuffle(seed)  ->  repeat
+    ->  map: encode the conversation, truncate, load + preprocess the image  (workers)
+    ->  bucket batching: B good examples, padded to the smallest bucket that fits  (workers)
+    ->  worker processes (mp_prefetch)  ->  bad-record accounting  (the training process)
+
+`make_train_iterator` (or `make_train_iterator_from_config(config, model_cfg)` for a
+training config) returns a Grain `DatasetIterator` (get_state / set_state, and
+`grain.checkpoint.CheckpointSave` / `CheckpointRestore` in an Orbax CheckpointManager)
+yielding numpy batches:
+
+    input_ids       int32 [B, T]  text ids, -200 where the image goes, pad 0
+    attention_mask  int32 [B, T]  1 on real tokens
+    labels          int32 [B, T]  -100 where unsupervised and on padding
+    token_types     int32 [B, T]  gamma_mod_jax.token_types (padding = PADDING)
+    pixel_values    float32 [B, S, S, 3]  CLIP-normalised; zeros for text-only rows
+    valid           int32 [B]     1 for real examples, 0 for filler rows (filler rows
+                                  only occur with drop_remainder=False at the end of a
+                                  finite run; they have all -100 labels, no attention)
+
+T is the smallest configured bucket holding the longest example of the batch, so a
+jitted step compiles once per bucket.
+
+Bad records (sources.SKIP_REASONS: unparseable JSON line, malformed record, missing or
+undecodable image, no assistant turn, over-long with truncation "drop", or any other
+refusal of the conversation encoder) never raise: the map step returns a marker, the
+batching step skips it, and carries (reason, id, message) of every skipped record and
+of every truncated example (truncation "truncate_right") inside the batch that follows
+them. The outermost iterator, in the training process, strips these events off and
+adds them to a `BadRecordLog` that is part of the iterator's checkpoint state, so the
+counts are exact with any number of worker processes and identical after a resume
+(skips are decided by the record alone, the order by the seed). The trainer reads
+them with `iterator.stats()` (flat counts: skipped, truncated, skipped_<reason>) or
+`pipeline_stats(iterator)` (counts, ids, first message per reason); each skipped id
+is also logged once (logging.WARNING). Exception: skips among the examples of a final
+partial batch that is dropped (finite num_epochs, drop_remainder=True) are not seen.
+
+The batch composition depends on worker_count (each worker batches its own slice of
+the stream): a resume must use the same worker_count, batch_size, buckets, seed and
+process count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import os
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
+
+import grain
+import ml_collections
+import numpy as np
+
+from gamma_mod_jax import token_types as tt
+from gamma_mod_jax.data import sources as src_lib
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+IMAGE_TOKEN_INDEX = -200
+SOURCES = ("llava_json", "tfds", "easy_vqa")
+TRUNCATION_POLICIES = ("drop", "truncate_right")
+
+
+def data_config_defaults() -> ml_collections.ConfigDict:
+    """The data section of a training config, with its defaults."""
+    p = ml_collections.config_dict.placeholder
+    c = ml_collections.ConfigDict()
+    c.source = "llava_json"            # "llava_json" | "tfds" | "easy_vqa"
+    c.json_path = p(str)               # llava_json: a JSON list or JSON-lines file
+    c.image_dir = p(str)               # llava_json: image paths in the records are relative to it
+    c.tfds_name = p(str)               # tfds: "llava_conversations" | "easy_vqa" (tfds_builders.py)
+    c.tfds_data_dir = p(str)           # tfds (and easy_vqa when set): where the prepared data lies
+    c.split = "train"                  # tfds / easy_vqa split
+    c.max_records = p(int)             # use only the first N records of the source
+    c.tokenizer_path = p(str)          # used when no tokenizer object is passed
+    c.template = "vicuna_v1"
+    c.image_token_index = IMAGE_TOKEN_INDEX
+    c.pad_token_id = 0
+    c.buckets = (64, 128)              # static text lengths T (placeholder included)
+    c.truncation = "drop"              # over-long examples: "drop" | "truncate_right"
+    c.move_image_to_front = False
+    c.image_size = p(int)              # the model's input_image_size (make_train_iterator's argument wins)
+    c.batch_size = 8                   # per process
+    c.shuffle_seed = p(int)            # None: make_train_iterator's seed
+    c.num_epochs = p(int)              # None: repeat forever
+    c.worker_count = 0                 # 0: in the training process
+    c.worker_buffer_size = 2           # batches buffered per worker
+    c.read_threads = 2                 # threads per process running the map step
+    c.read_buffer_size = 16            # examples prefetched per process
+    c.drop_remainder = True
+    c.max_consecutive_skips = 10_000   # this many bad records in a row: the data is broken, raise
+    c.max_logged_ids = 1_000           # ids kept per skip reason (counts are always exact)
+    return c
+
+
+_UNSET_IF_EMPTY = ("json_path", "image_dir", "tfds_name", "tfds_data_dir", "tokenizer_path", "image_size")
+
+
+def _cfg(data_cfg) -> ml_collections.ConfigDict:
+    """data_cfg (ConfigDict, mapping, or attribute object) over the defaults."""
+    out = data_config_defaults()
+    if isinstance(data_cfg, ml_collections.ConfigDict):
+        items = data_cfg.items()
+    elif isinstance(data_cfg, Mapping):
+        items = data_cfg.items()
+    elif dataclasses.is_dataclass(data_cfg):
+        items = dataclasses.asdict(data_cfg).items()
+    else:
+        items = vars(data_cfg).items()
+    unknown = [k for k, _ in items if k not in out]
+    if unknown:
+        raise ValueError(f"unknown data config field(s) {sorted(unknown)}; known: {sorted(out.keys())}")
+    with out.ignore_type():
+        for k, v in items:
+            if k in _UNSET_IF_EMPTY and (v == "" or v == 0):
+                v = None  # configs write "" / 0 for "not set"
+            out[k] = v
+    if out.source not in SOURCES:
+        raise ValueError(f"data.source must be one of {SOURCES}, got {out.source!r}")
+    if out.truncation not in TRUNCATION_POLICIES:
+        raise ValueError(f"data.truncation must be one of {TRUNCATION_POLICIES}, got {out.truncation!r}")
+    buckets = tuple(int(b) for b in out.buckets)
+    if not buckets or any(b < 2 for b in buckets) or list(buckets) != sorted(set(buckets)):
+        raise ValueError(f"data.buckets must be increasing text lengths >= 2, got {tuple(out.buckets)}")
+    with out.ignore_type():
+        out.buckets = buckets
+    if int(out.batch_size) < 1:
+        raise ValueError(f"data.batch_size must be at least 1, got {out.batch_size}")
+    return out
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def make_source(data_cfg, *, split: Optional[str] = None):
+    """The random-access record source named by `data_cfg.source`:
+    llava_json -> LlavaJsonSource(json_path, image_dir); tfds -> TfdsSource(tfds_name);
+    easy_vqa -> the installed easy-vqa package's split (or, when tfds_data_dir is set,
+    the prepared TFDS "easy_vqa" dataset there)."""
+    cfg = _cfg(data_cfg)
+    split = split or cfg.split
+    if cfg.source == "llava_json":
+        if not cfg.json_path:
+            raise ValueError("data.source 'llava_json' needs data.json_path")
+        return src_lib.LlavaJsonSource(cfg.json_path, cfg.image_dir)
+    if cfg.source == "tfds":
+        if not cfg.tfds_name:
+            raise ValueError("data.source 'tfds' needs data.tfds_name")
+        return src_lib.TfdsSource(cfg.tfds_name, split=split, data_dir=cfg.tfds_data_dir)
+    if cfg.tfds_data_dir:
+        return src_lib.TfdsSource("easy_vqa", split=split, data_dir=cfg.tfds_data_dir)
+    from gamma_mod_jax.data.easy_vqa import easy_vqa_records
+    return src_lib.RecordListSource(easy_vqa_records(split), name=f"easy_vqa/{split}")
+
+
+# ----------------------------------------------------------------------------- map step
+
+
+class _Skip(Exception):
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _has_assistant_turn(conversations) -> bool:
+    return any(t.get("from") in ("gpt", "assistant") and t.get("value", "").strip() for t in conversations)
+
+
+def _decode_image(record) -> Any:
+    """The record's image as a PIL RGB image; _Skip(MISSING_IMAGE | UNREADABLE_IMAGE)."""
+    from gamma_mod_jax.data.conversation import BadRecord
+    from gamma_mod_jax.data.image import load_image
+
+    path = record["image"]
+    if "image_bytes" in record:
+        data = np.asarray(record["image_bytes"], np.uint8)
+        if data.size == 0:
+            raise _Skip(src_lib.MISSING_IMAGE, f"image {path} was missing when the dataset was built")
+        from PIL import Image
+        try:
+            with Image.open(io.BytesIO(data.tobytes())) as im:
+                return im.convert("RGB")
+        except Exception as e:  # PIL raises many types for bad bytes
+            raise _Skip(src_lib.UNREADABLE_IMAGE, f"image {path}: {type(e).__name__}: {e}") from None
+    if not os.path.isfile(path):
+        raise _Skip(src_lib.MISSING_IMAGE, f"image file {path} not found")
+    try:
+        return load_image(path)
+    except BadRecord as e:
+        raise _Skip(src_lib.UNREADABLE_IMAGE, str(e)) from None
+    except Exception as e:
+        raise _Skip(src_lib.UNREADABLE_IMAGE, f"image {path}: {type(e).__name__}: {e}") from None
+
+
+@dataclasses.dataclass
+class ExampleEncoder:
+    """Grain map step: raw record -> encoded example, or a skip marker
+    {"_skip": reason, "_id", "_message"}. Never raises for a bad record."""
+    tokenizer: Any
+    image_size: int
+    max_len: int
+    truncation: str = "drop"
+    move_image_to_front: bool = False
+    template: str = "vicuna_v1"
+    image_token_index: int = IMAGE_TOKEN_INDEX
+
+    def __call__(self, record: Dict[str, Any]) -> Dict[str, Any]:
+        rid = str(record.get("id", "?"))
+        try:
+            return self._encode(record, rid)
+        except _Skip as s:
+            return {"_skip": s.reason, "_id": rid, "_message": str(s)}
+
+    def _encode(self, record, rid):
+        from gamma_mod_jax.data import conversation as conv
+        from gamma_mod_jax.data.image import preprocess_image
+
+        if record.get("error"):
+            reason, message = record["error"]
+            raise _Skip(reason, message)
+        if not _has_assistant_turn(record["conversations"]):
+            raise _Skip(src_lib.NO_ASSISTANT_TURN, f"record {rid} has no non-empty assistant ('gpt') turn")
+        if self.move_image_to_front:
+            record = conv.move_image_to_front(record)
+        has_image = record.get("image") is not None
+        try:
+            enc = conv.encode_conversation(record["conversations"], self.tokenizer, has_image=has_image,
+                                           image_token_index=self.image_token_index, template=self.template)
+        except conv.BadRecord as e:
+            raise _Skip(src_lib.BAD_CONVERSATION, f"record {rid}: {e}") from None
+        except Exception as e:  # a tokenizer failing on odd text must not stop training
+            raise _Skip(src_lib.BAD_CONVERSATION, f"record {rid}: {type(e).__name__}: {e}") from None
+        length = len(enc["input_ids"])
+        truncated = False
+        if length > self.max_len:
+            try:
+                enc, truncated = conv.truncate(enc, self.max_len, self.truncation,
+                                               image_token_index=self.image_token_index)
+            except conv.BadRecord as e:
+                raise _Skip(src_lib.OVER_LONG, f"record {rid}: {length} tokens > {self.max_len}: {e}") from None
+            if not np.any(np.asarray(enc["labels"]) != IGNORE_INDEX):
+                raise _Skip(src_lib.OVER_LONG, f"record {rid}: {length} tokens; no answer token is left "
+                                               f"within the first {self.max_len}")
+            if has_image and not np.any(np.asarray(enc["input_ids"]) == self.image_token_index):
+                raise _Skip(src_lib.OVER_LONG, f"record {rid}: {length} tokens; the image placeholder is "
+                                               f"beyond the first {self.max_len}")
+        pixels = None
+        if has_image:
+            image = _decode_image(record)
+            try:
+                pixels = np.asarray(preprocess_image(image, self.image_size), np.float32)
+            except Exception as e:  # e.g. a zero-sized image
+                raise _Skip(src_lib.UNREADABLE_IMAGE, f"image {record['image']}: {type(e).__name__}: {e}") from None
+        return {"input_ids": np.asarray(enc["input_ids"], np.int32),
+                "labels": np.asarray(enc["labels"], np.int32),
+                "token_types": np.asarray(enc["token_types"], np.int32),
+                "pixel_values": pixels, "_id": rid, "_truncated": bool(truncated)}
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def pick_bucket(length: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket >= length."""
+    for b in buckets:
+        if length <= b:
+            return b
+    raise ValueError(f"length {length} exceeds the largest bucket {buckets[-1]}")
+
+
+def collate(examples: Sequence[Dict[str, Any]], *, batch_size: int, buckets: Sequence[int], image_size: int,
+            pad_token_id: int = 0) -> Dict[str, np.ndarray]:
+    """Encoded examples -> one right-padded batch of `batch_size` rows (filler rows
+    valid=0) at the smallest bucket that fits the longest example."""
+    t = pick_bucket(max(len(e["input_ids"]) for e in examples), buckets)
+    b = batch_size
+    out = {"input_ids": np.full((b, t), pad_token_id, np.int32),
+           "attention_mask": np.zeros((b, t), np.int32),
+           "labels": np.full((b, t), IGNORE_INDEX, np.int32),
+           "token_types": np.full((b, t), tt.PADDING, np.int32),
+           "pixel_values": np.zeros((b, image_size, image_size, 3), np.float32),
+           "valid": np.zeros((b,), np.int32)}
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        out["input_ids"][i, :n] = e["input_ids"]
+        out["attention_mask"][i, :n] = 1
+        out["labels"][i, :n] = e["labels"]
+        out["token_types"][i, :n] = e["token_types"]
+        if e.get("pixel_values") is not None:
+            out["pixel_values"][i] = e["pixel_values"]
+        out["valid"][i] = 1
+    return out
+
+
+class _BucketBatchDataset(grain.IterDataset):
+    """Batches good examples, skipping markers; each batch carries the events (skips and
+    truncations) met since the previous batch under "_events" and its ids under "_ids"."""
+
+    def __init__(self, parent, *, batch_size, buckets, image_size, pad_token_id, drop_remainder,
+                 max_consecutive_skips):
+        super().__init__(parent)
+        self.batch_size, self.buckets, self.image_size = batch_size, tuple(buckets), image_size
+        self.pad_token_id, self.drop_remainder = pad_token_id, drop_remainder
+        self.max_consecutive_skips = max_consecutive_skips
+
+    def __iter__(self):
+        return _BucketBatchIterator(self._parent.__iter__(), self)
+
+    def __str__(self):
+        return f"BucketBatch(batch_size={self.batch_size}, buckets={self.buckets})"
+
+
+class _BucketBatchIterator(grain.DatasetIterator):
+
+    def __init__(self, parent, ds: _BucketBatchDataset):
+        super().__init__(parent)
+        self._ds = ds
+        self._skips_in_a_row = 0
+
+    def __next__(self):
+        ds = self._ds
+        rows: List[Dict[str, Any]] = []
+        events: List[List[str]] = []
+        while len(rows) < ds.batch_size:
+            try:
+                ex = next(self._parent)
+            except StopIteration:
+                if rows and not ds.drop_remainder:
+                    break
+                raise
+            if "_skip" in ex:
+                events.append([ex["_skip"], ex["_id"], ex["_message"]])
+                self._skips_in_a_row += 1
+                if self._skips_in_a_row >= ds.max_consecutive_skips:
+                    reasons = sorted({e[0] for e in events})
+                    raise RuntimeError(f"{self._skips_in_a_row} bad records in a row (reasons {reasons}; last: "
+                                       f"{ex['_message']}): the data or its configuration is broken")
+                continue
+            self._skips_in_a_row = 0
+            if ex["_truncated"]:
+                events.append([src_lib.TRUNCATED, ex["_id"], f"record {ex['_id']} truncated to {len(ex['input_ids'])} tokens"])
+            rows.append(ex)
+        batch = collate(rows, batch_size=ds.batch_size, buckets=ds.buckets, image_size=ds.image_size,
+                        pad_token_id=ds.pad_token_id)
+        batch["_events"] = events
+        batch["_ids"] = [r["_id"] for r in rows]
+        return batch
+
+    def get_state(self):
+        # No example is held between batches: the parent's position is the whole state.
+        return self._parent.get_state()
+
+    def set_state(self, state):
+        self._parent.set_state(state)
+        self._skips_in_a_row = 0
+
+    def __str__(self):
+        return "BucketBatchIterator"
+
+
+# ----------------------------------------------------------------------------- bad-record log
+
+
+class BadRecordLog:
+    """Counts of skipped (and truncated) records by reason, with their ids (the first
+    `max_ids` distinct ids per reason) and the first message per reason. Counts are
+    occurrences: a bad record is counted again in every epoch that meets it."""
+
+    def __init__(self, max_ids: int = 1000):
+        self.max_ids = int(max_ids)
+        self.counts: Dict[str, int] = {}
+        self.ids: Dict[str, List[str]] = {}
+        self.examples: Dict[str, str] = {}
+        self._seen: Dict[str, set] = {}
+
+    def add(self, reason: str, rid: str, message: str = "") -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        seen = self._seen.setdefault(reason, set())
+        if rid not in seen:
+            seen.add(rid)
+            ids = self.ids.setdefault(reason, [])
+            if len(ids) < self.max_ids:
+                ids.append(rid)
+            if reason != src_lib.TRUNCATED:
+                log.warning("skipping bad record %s (%s): %s", rid, reason, message)
+        self.examples.setdefault(reason, message)
+
+    @property
+    def skipped(self) -> int:
+        return sum(n for r, n in self.counts.items() if r != src_lib.TRUNCATED)
+
+    def summary(self) -> Dict[str, Any]:
+        """{"skipped": total skips, "truncated": n, "counts": {reason: n},
+        "ids": {reason: [ids]}, "examples": {reason: first message}}"""
+        return {"skipped": self.skipped, "truncated": self.counts.get(src_lib.TRUNCATED, 0),
+                "counts": dict(sorted(self.counts.items())),
+                "ids": {k: list(v) for k, v in sorted(self.ids.items())},
+                "examples": dict(sorted(self.examples.items()))}
+
+    def get_state(self) -> Dict[str, Any]:
+        return {"counts": dict(self.counts), "ids": {k: list(v) for k, v in self.ids.items()},
+                "examples": dict(self.examples)}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        self.counts = {str(k): int(v) for k, v in state.get("counts", {}).items()}
+        self.ids = {str(k): [str(i) for i in v] for k, v in state.get("ids", {}).items()}
+        self.examples = {str(k): str(v) for k, v in state.get("examples", {}).items()}
+        self._seen = {k: set(v) for k, v in self.ids.items()}
+
+
+class _AccountingDataset(grain.IterDataset):
+    """Outermost step, in the training process: moves the batches' events into a log."""
+
+    def __init__(self, parent, max_ids: int):
+        super().__init__(parent)
+        self.max_ids = max_ids
+
+    def __iter__(self):
+        return PipelineIterator(self._parent.__iter__(), self.max_ids)
+
+    def __str__(self):
+        return "BadRecordAccounting"
+
+
+class PipelineIterator(grain.DatasetIterator):
+    """The training iterator: numpy batches; `bad_records` (a BadRecordLog) and
+    `last_ids` (record ids of the last batch's real rows). Its state holds the pipeline
+    position and the bad-record log."""
+
+    def __init__(self, parent, max_ids: int = 1000):
+        super().__init__(parent)
+        self.bad_records = BadRecordLog(max_ids)
+        self.last_ids: List[str] = []
+
+    def __next__(self) -> Dict[str, np.ndarray]:
+        batch = dict(next(self._parent))
+        for reason, rid, message in batch.pop("_events"):
+            self.bad_records.add(reason, rid, message)
+        self.last_ids = list(batch.pop("_ids"))
+        return batch
+
+    def stats(self) -> Dict[str, int]:
+        """Flat counts for metric logs: skipped, truncated, skipped_<reason>."""
+        out = {"skipped": self.bad_records.skipped,
+               "truncated": self.bad_records.counts.get(src_lib.TRUNCATED, 0)}
+        for reason in src_lib.SKIP_REASONS:
+            out[f"skipped_{reason}"] = self.bad_records.counts.get(reason, 0)
+        return out
+
+    def get_state(self) -> Dict[str, Any]:
+        return {"pipeline": self._parent.get_state(), "bad_records": self.bad_records.get_state()}
+
+    def set_state(self, state: Dict[str, Any]) -> None:
+        self._parent.set_state(state["pipeline"])
+        self.bad_records.set_state(state.get("bad_records", {}))
+        self.last_ids = []
+
+    def __str__(self):
+        return "PipelineIterator"
+
+
+def pipeline_stats(iterator) -> Dict[str, Any]:
+    """Bad-record statistics of a `make_train_iterator` iterator so far (see
+    BadRecordLog.summary): exact with worker processes, restored with the iterator."""
+    if not isinstance(iterator, PipelineIterator):
+        raise TypeError(f"pipeline_stats needs the iterator returned by make_train_iterator, got {type(iterator)}")
+    return iterator.bad_records.summary()
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def _tokenizer(cfg, tokenizer):
+    if tokenizer is not None:
+        return tokenizer
+    if not cfg.tokenizer_path:
+        raise ValueError("no tokenizer passed and data.tokenizer_path is not set")
+    from gamma_mod_jax.data.tokenizer import load_tokenizer
+    return load_tokenizer(cfg.tokenizer_path)
+
+
+def _image_size(cfg, image_size) -> int:
+    size = image_size if image_size is not None else cfg.image_size
+    if size is None or int(size) < 1:
+        raise ValueError("the image size is not set (pass image_size = the model's input_image_size)")
+    return int(size)
+
+
+def _ensure_absl_flags_parsed() -> None:
+    # Grain's worker processes read absl flags; a program that is not an absl app (tests,
+    # notebooks, argparse launchers) has not parsed them: use their defaults.
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def make_train_dataset(data_cfg, *, tokenizer=None, image_size: Optional[int] = None, seed: int = 0,
+                       process_index: Optional[int] = None, process_count: Optional[int] = None,
+                       source=None) -> grain.IterDataset:
+    """The Grain IterDataset behind `make_train_iterator` (same arguments; `source`
+    replaces the configured one)."""
+    cfg = _cfg(data_cfg)
+    tokenizer = _tokenizer(cfg, tokenizer)
+    size = _image_size(cfg, image_size)
+    if process_index is None or process_count is None:
+        shard = grain.sharding.ShardByJaxProcess()
+        process_index = shard.shard_index if process_index is None else process_index
+        process_count = shard.shard_count if process_count is None else process_count
+    if not 0 <= int(process_index) < int(process_count):
+        raise ValueError(f"process_index {process_index} not in [0, process_count={process_count})")
+    source = make_source(cfg) if source is None else source
+    ds = grain.MapDataset.source(source)
+    if cfg.max_records is not None:
+        ds = ds[: int(cfg.max_records)]
+    if int(process_count) > 1:
+        ds = ds[int(process_index)::int(process_count)]
+    shuffle_seed = int(cfg.shuffle_seed if cfg.shuffle_seed is not None else seed) % (2 ** 32)
+    ds = ds.shuffle(seed=shuffle_seed)
+    ds = ds.repeat(cfg.num_epochs)
+    ds = ds.map(ExampleEncoder(tokenizer=tokenizer, image_size=size, max_len=cfg.buckets[-1],
+                               truncation=cfg.truncation, move_image_to_front=bool(cfg.move_image_to_front),
+                               template=cfg.template, image_token_index=int(cfg.image_token_index)))
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(cfg.read_threads),
+                                              prefetch_buffer_size=int(cfg.read_buffer_size)))
+    ds = _BucketBatchDataset(ds, batch_size=int(cfg.batch_size), buckets=cfg.buckets, image_size=size,
+                             pad_token_id=int(cfg.pad_token_id), drop_remainder=bool(cfg.drop_remainder),
+                             max_consecutive_skips=int(cfg.max_consecutive_skips))
+    if int(cfg.worker_count) > 0:
+        _ensure_absl_flags_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(cfg.worker_count),
+                                                         per_worker_buffer_size=int(cfg.worker_buffer_size)))
+    return _AccountingDataset(ds, int(cfg.max_logged_ids))
+
+
+def make_train_iterator(data_cfg, *, tokenizer=None, image_size: Optional[int] = None, seed: int = 0,
+                        process_index: Optional[int] = None, process_count: Optional[int] = None,
+                        source=None) -> PipelineIterator:
+    """A checkpointable Grain iterator of padded training batches (module docstring).
+
+    data_cfg: a `data_config_defaults()` ConfigDict (or a mapping of its fields);
+    tokenizer: the tokenizer object (None: load data_cfg.tokenizer_path);
+    image_size: the model's input_image_size (None: data_cfg.image_size);
+    seed: the shuffle seed unless data_cfg.shuffle_seed is set;
+    process_index / process_count: this process's shard (None: grain.sharding.
+    ShardByJaxProcess, i.e. jax.process_index() / jax.process_count()).
+    Bad-record counts: `pipeline_stats(iterator)`."""
+    ds = make_train_dataset(data_cfg, tokenizer=tokenizer, image_size=image_size, seed=seed,
+                            process_index=process_index, process_count=process_count, source=source)
+    return ds.__iter__()
+
+
+def make_train_iterator_from_config(config, model_cfg=None, *, tokenizer=None, process_index: Optional[int] = None,
+                                    process_count: Optional[int] = None) -> PipelineIterator:
+    """`make_train_iterator` for a training config: config.data (data_config_defaults
+    fields), config.seed; from the model config (an MLLMConfig, read by attribute):
+    input_image_size (unless data.image_size is set), image_token_index and
+    llm.pad_token_id. The tokenizer is loaded from data.tokenizer_path when not given."""
+    data = _cfg(config.data)
+    image_size = data.image_size
+    if model_cfg is not None:
+        image_size = image_size or getattr(model_cfg, "input_image_size", None)
+        with data.ignore_type():
+            data.image_token_index = int(getattr(model_cfg, "image_token_index", data.image_token_index))
+            llm = getattr(model_cfg, "llm", None)
+            if llm is not None and getattr(llm, "pad_token_id", None) is not None:
+                data.pad_token_id = int(llm.pad_token_id)
+    seed = config.get("seed", 0) if hasattr(config, "get") else getattr(config, "seed", 0)
+    return make_train_iterator(data, tokenizer=tokenizer, image_size=image_size, seed=int(seed or 0),
+                               process_index=process_index, process_count=process_count)
+
+
+def _first_exchange(conversations):
+    """(question, answer) of the first human turn and the assistant turn after it."""
+    question = answer = None
+    for turn in conversations:
+        role = turn.get("from")
+        if question is None and role in ("human", "user"):
+            question = turn.get("value", "")
+        elif question is not None and role in ("gpt", "assistant"):
+            answer = turn.get("value", "")
+            break
+    return question, answer
+
+
+def make_eval_examples(data_cfg, *, tokenizer=None, image_size: Optional[int] = None, limit: Optional[int] = None,
+                       bad_records: Optional[BadRecordLog] = None, source=None) -> Iterator[Dict[str, Any]]:
+    """Evaluation prompts in source order (data_cfg.split; no shuffle, no sharding):
+    yields {"id", "question" (the first human turn), "answer" (the reference: the
+    assistant's reply to it), "input_ids", "token_types" (int32, unpadded, ending with
+    "ASSISTANT:"), "pixel_values" (float32 [S, S, 3], zeros for text-only), "has_image"}.
+    Bad records are skipped and, when `bad_records` is given, counted there.
+    `limit`: at most that many examples."""
+    from gamma_mod_jax.data import conversation as conv
+    from gamma_mod_jax.data.image import preprocess_image
+
+    cfg = _cfg(data_cfg)
+    tokenizer = _tokenizer(cfg, tokenizer)
+    size = _image_size(cfg, image_size)
+    source = make_source(cfg) if source is None else source
+    n = len(source) if cfg.max_records is None else min(len(source), int(cfg.max_records))
+    yielded = 0
+    for i in range(n):
+        if limit is not None and yielded >= limit:
+            return
+        record = source[i]
+        rid = str(record.get("id", i))
+        try:
+            if record.get("error"):
+                raise _Skip(*record["error"])
+            if cfg.move_image_to_front:
+                record = conv.move_image_to_front(record)
+            question, answer = _first_exchange(record["conversations"])
+            if question is None or not (answer or "").strip():
+                raise _Skip(src_lib.NO_ASSISTANT_TURN, f"record {rid} has no human turn answered by the assistant")
+            has_image = record.get("image") is not None
+            try:
+                enc = conv.encode_prompt(question, tokenizer, has_image=has_image,
+                                         image_token_index=int(cfg.image_token_index), template=cfg.template)
+            except conv.BadRecord as e:
+                raise _Skip(src_lib.BAD_CONVERSATION, f"record {rid}: {e}") from None
+            if len(enc["input_ids"]) > cfg.buckets[-1]:
+                raise _Skip(src_lib.OVER_LONG, f"record {rid}: prompt of {len(enc['input_ids'])} tokens > "
+                                               f"{cfg.buckets[-1]}")
+            pixels = np.zeros((size, size, 3), np.float32)
+            if has_image:
+                pixels = np.asarray(preprocess_image(_decode_image(record), size), np.float32)
+        except _Skip as s:
+            if bad_records is not None:
+                bad_records.add(s.reason, rid, str(s))
+            else:
+                log.warning("skipping bad eval record %s (%s): %s", rid, s.reason, s)
+            continue
+        yielded += 1
+        yield {"id": rid, "question": question.replace("<image>", "").strip(), "answer": answer.strip(),
+               "input_ids": np.asarray(enc["input_ids"], np.int32),
+               "token_types": np.asarray(enc["token_types"], np.int32),
+               "pixel_values": pixels, "has_image": has_image}
+
+
+def collate_prompts(examples: Sequence[Dict[str, Any]], *, batch_size: Optional[int] = None,
+                    buckets: Optional[Sequence[int]] = None, pad_token_id: int = 0) -> Dict[str, np.ndarray]:
+    """Eval examples -> a right-padded generation batch {"input_ids", "attention_mask",
+    "token_types", "pixel_values", "valid"}; padded to the smallest bucket that fits
+    (or the longest prompt) and to `batch_size` rows with filler rows (valid 0, one
+    attended pad token so no row is fully masked)."""
+    b = batch_size or len(examples)
+    longest = max(len(e["input_ids"]) for e in examples)
+    t = pick_bucket(longest, buckets) if buckets else longest
+    size = examples[0]["pixel_values"].shape[0]
+    out = {"input_ids": np.full((b, t), pad_token_id, np.int32), "attention_mask": np.zeros((b, t), np.int32),
+           "token_types": np.full((b, t), tt.PADDING, np.int32),
+           "pixel_values": np.zeros((b, size, size, 3), np.float32), "valid": np.zeros((b,), np.int32)}
+    for i in range(b):
+        if i >= len(examples):
+            out["attention_mask"][i, 0] = 1
+            continue
+        e = examples[i]
+        n = len(e["input_ids"])
+        out["input_ids"][i, :n] = e["input_ids"]
+        out["attention_mask"][i, :n] = 1
+        out["token_types"][i, :n] = e["token_types"]
+        out["pixel_values"][i] = e["pixel_values"]
+        out["valid"][i] = 1
+    return out
