@@ -31,16 +31,11 @@ ALL_TRAINABLE = [(".*", True)]
 
 
 def data_config(**overrides):
-    d = ml_collections.ConfigDict(dict(
-        source="llava_json",          # llava_json | tfds | easy_vqa
-        json_path="", image_dir="", tfds_name="", tfds_data_dir="", split="train",
-        tokenizer_path="",            # a local directory transformers can load
-        buckets=(2496,),              # static text lengths; a batch is padded to the smallest that fits
-        truncation="drop",            # drop | truncate_right (counted either way)
-        move_image_to_front=False,    # the official mix665k rewrite
-        image_size=0,                 # 0: the model's input size
-        batch_size=1,                 # per process and micro-batch
-        shuffle_seed=0, num_epochs=1, worker_count=0, drop_remainder=True))
+    """The data section: the pipeline's defaults (gamma_mod_jax/data/pipeline.py) + overrides."""
+    from gamma_mod_jax.data.pipeline import data_config_defaults
+
+    d = data_config_defaults()
+    d.num_epochs = 1
     d.update(overrides)
     return d
 

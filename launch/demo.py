@@ -1,90 +1,254 @@
-"""The main job on an embedded default: `make demo`.
+"""The main job on an embedded default (`make demo`): the whole γ-MoD adaptation on easy-VQA.
 
-Today it builds the tiny LLaVA-HR (random weights), prints its parameter counts,
-runs a batch of mixed prompts (image at different positions, a text-only one)
-through the full forward pass and greedy generation, turns the same weights into a
-γ-MoD model and reports its routing (skip ratio per layer and token type) and the
-analytic FLOPs of LLaVA-HR-7B dense vs γ-MoD, and writes `<out>/report.json`.
-The full γ-MoD adaptation on easy-VQA replaces this as training lands.
+    python -m launch.demo --out out/demo [--quick]
+
+1. builds a word tokenizer for easy-VQA (the dataset ships inside the `easy-vqa` package),
+2. trains a small dense LLaVA-HR from scratch (configs/demo.py),
+3. evaluates it on the easy-VQA test split by greedy generation,
+4. computes ARank per layer on training samples and keeps the highest-ARank layers dense,
+5. adapts the dense model to γ-MoD (shared router, the other layers routed) and fine-tunes it,
+6. evaluates the γ-MoD model, times prefill dense vs γ-MoD, counts FLOPs,
+and writes `<out>/report.json`, `<out>/report.md` and PNG plots (loss curves, ARank per
+layer, skip ratio per layer). `--quick` runs a few steps of each stage (a smoke test).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import shutil
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from gamma_mod_jax import api as gm
-from gamma_mod_jax import token_types as tt
-from gamma_mod_jax.mod.flops import default_mod_layers, paper_tflops
-from launch.inspect import count_parameters
+REPORT_KEYS = ("dense.accuracy", "gamma_mod.accuracy", "gamma_mod.skip_ratio", "prefill_speedup", "tflops_dense",
+               "tflops_gamma_mod")
 
-DEFAULT_CONFIG = "configs/llava_hr_7b.py:tiny"
+
+def _prepare_out(out: str) -> None:
+    """A fresh output directory; a previous demo's output is replaced, anything else refused."""
+    if os.path.exists(out) and os.listdir(out):
+        if not os.path.exists(os.path.join(out, "report.json")) and not os.path.exists(os.path.join(out, "dense")):
+            raise SystemExit(f"error: {out} exists and is not a previous demo output; choose another --out")
+        shutil.rmtree(out)
+    os.makedirs(out, exist_ok=True)
+
+
+def _plot_losses(out: str, runs: dict) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from gamma_mod_jax.train.metrics import read_metrics
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    offset = 0
+    for name, workdir in runs.items():
+        records = read_metrics(workdir)
+        steps = [offset + r["step"] for r in records]
+        ax.plot(steps, [r["lm_loss"] for r in records], label=f"{name}: LM loss")
+        if name == "γ-MoD":
+            ax.plot(steps, [r["routing_loss"] for r in records], label=f"{name}: routing loss", linestyle="--")
+        offset = steps[-1] if steps else offset
+    ax.set_xlabel("optimizer step (dense training, then γ-MoD fine-tuning)")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    path = os.path.join(out, "loss.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plot_skip(out: str, layers, skip) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar([str(i) for i in layers], skip, color="tab:orange")
+    ax.set_xlabel("γ-MoD layer")
+    ax.set_ylabel("skip ratio (training, last log)")
+    ax.set_ylim(0, 1)
+    fig.tight_layout()
+    path = os.path.join(out, "skip_ratio.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="tiny LLaVA-HR smoke run")
-    parser.add_argument("--config", default=DEFAULT_CONFIG)
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--out", default="out/demo")
+    parser.add_argument("--quick", action="store_true", help="a few steps per stage (smoke test)")
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    cfg = gm.model_config(args.config)
-    counts = count_parameters(cfg)
-    print(f"config {args.config}: {sum(counts.values()):,} parameters "
-          + ", ".join(f"{k} {v:,}" for k, v in counts.items() if v))
-    model = gm.build_model(cfg, seed=0)
-    rng = np.random.default_rng(0)
-    b, t = 3, 12
-    ids = rng.integers(3, cfg.llm.vocab_size, size=(b, t)).astype(np.int32)
-    lengths = np.array([12, 9, 6])
-    ids[0, 0] = ids[1, 4] = cfg.image_token_index  # image first, image in the middle, text only
-    mask = (np.arange(t)[None] < lengths[:, None]).astype(np.int32)
-    ids = np.where(mask == 1, ids, cfg.llm.pad_token_id)
-    size = cfg.input_image_size
-    pixels = rng.standard_normal((b, size, size, 3)).astype(np.float32)
-    batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask), "pixel_values": jnp.asarray(pixels)}
-    start = time.perf_counter()
-    out = jax.jit(lambda m, x: m(**x))(model, batch)
-    jax.block_until_ready(out.logits)
-    forward_s = time.perf_counter() - start
-    start = time.perf_counter()
-    tokens = gm.generate(model, batch, max_new_tokens=8, eos_id=cfg.llm.eos_token_id)
-    generate_s = time.perf_counter() - start
-    types = np.asarray(out.token_types)
-    # The same weights as a γ-MoD model (layers 1-2 of 4 routed, the official rule).
-    gamma = gm.build_model(f"{args.config},mod" if ":" in args.config else f"{args.config}:mod", seed=0)
-    state = gm.export_torch_state_dict(model)
-    state.update({k: v for k, v in gm.export_torch_state_dict(gamma).items() if "router" in k})
-    gm.load_torch_state_dict(gamma, state)
-    gamma_out = jax.jit(lambda m, x: m(**x))(gamma, batch)
-    llm7b = gm.model_config("configs/llava_hr_7b.py").llm
-    layers7b = default_mod_layers(llm7b.num_hidden_layers)
+
+    from flax import nnx
+
+    from gamma_mod_jax import api as gm
+    from gamma_mod_jax.config_file import load_config
+    from gamma_mod_jax.convert.checkpoint import save_checkpoint
+    from gamma_mod_jax.data.easy_vqa import easy_vqa_vocabulary
+    from gamma_mod_jax.data.pipeline import collate_prompts, make_eval_examples, make_train_iterator
+    from gamma_mod_jax.data.tokenizer import build_word_tokenizer, load_tokenizer
+    from gamma_mod_jax.eval.vqa import evaluate_vqa, time_prefill
+    from gamma_mod_jax.mod.arank import arank_report
+    from gamma_mod_jax.mod.arank_run import compute_arank
+    from gamma_mod_jax.mod.flops import paper_tflops
+    from gamma_mod_jax.train.metrics import read_metrics
+    from gamma_mod_jax.train.trainer import train
+    from launch.arank import plot_arank, write_json_atomic
+
+    started = time.perf_counter()
+    out = args.out
+    _prepare_out(out)
+    stage = lambda text: print(f"\n== {text} ({time.perf_counter() - started:.0f} s)", flush=True)
+
+    stage("tokenizer and data")
+    tokenizer_dir = os.path.join(out, "tokenizer")
+    build_word_tokenizer(easy_vqa_vocabulary(), tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    config = load_config("configs/demo.py")
+    demo = config.demo
+    config.seed = args.seed
+    config.model.llm = dict(config.model.llm, vocab_size=-(-len(tokenizer) // 8) * 8)
+    config.data.tokenizer_path = tokenizer_dir
+    config.data.buckets = (48,)
+    if args.quick:
+        config.train.num_steps = 4
+        config.train.log_every = 1
+        demo.mod_steps = 3
+        demo.eval_examples = 32
+        demo.eval_batch_size = 16
+        demo.arank_batches = 1
+    model_cfg = gm.model_config(config.model)
+    sample = next(make_eval_examples(config.data, tokenizer=tokenizer, image_size=model_cfg.input_image_size))
+    system_tokens = int(np.sum(sample["token_types"] == 2))
+    print(f"easy-VQA: vocabulary {len(tokenizer)} words, {system_tokens} system-prompt tokens, "
+          f"{model_cfg.num_image_tokens} image tokens; model {model_cfg.family}, LLM {model_cfg.llm.num_hidden_layers} "
+          f"layers x {model_cfg.llm.hidden_size}")
+
+    def eval_examples():
+        data = dict(config.data.to_dict(), split="test")
+        return make_eval_examples(data, tokenizer=tokenizer, image_size=model_cfg.input_image_size,
+                                  limit=demo.eval_examples)
+
+    stage(f"1/5 dense training from scratch: {config.train.num_steps} steps of {config.data.batch_size}")
+    dense_run = train(config, os.path.join(out, "dense"))
+    dense = nnx.merge(dense_run["graphdef"], dense_run["state"].params, dense_run["rest"])
+    dense_dir = os.path.join(out, "dense_model")
+    save_checkpoint(dense_dir, dense)
+
+    stage(f"2/5 dense evaluation on {demo.eval_examples} test questions")
+    dense_eval = evaluate_vqa(dense, eval_examples(), tokenizer, batch_size=demo.eval_batch_size,
+                              buckets=config.data.buckets, max_new_tokens=demo.max_new_tokens)
+    print(f"dense accuracy {dense_eval['accuracy']:.3f}")
+
+    stage("3/5 ARank per layer on training samples")
+    batches = make_train_iterator(config.data, tokenizer=tokenizer, image_size=model_cfg.input_image_size,
+                                  seed=args.seed + 1)
+    arank_batches = [next(batches) for _ in range(demo.arank_batches)]
+    stats = compute_arank(dense, arank_batches, keep_dense=demo.keep_dense)
+    report_arank = arank_report(stats, keep_dense=demo.keep_dense)
+    mod_layers = tuple(report_arank["mod_layers"])
+    if not mod_layers:
+        # Ties (e.g. every layer full rank, usual for a model this small and this briefly
+        # trained) keep every layer dense under the paper's rule; break them by layer order,
+        # as the released models keep the first layers dense.
+        order = sorted(range(len(stats)), key=lambda i: (-stats[i]["mean"], i))
+        report_arank["dense_layers"] = sorted(order[: demo.keep_dense])
+        report_arank["mod_layers"] = sorted(order[demo.keep_dense:])
+        report_arank["tie_break"] = "layer order"
+        mod_layers = tuple(report_arank["mod_layers"])
+        print("ARank ties: every layer would stay dense; broken by layer order")
+    write_json_atomic(os.path.join(out, "arank.json"), report_arank)
+    plot_arank(report_arank, os.path.join(out, "arank.png"))
+    print(f"ARank per layer {[round(s['mean'], 2) for s in stats]}: dense {report_arank['dense_layers']}, "
+          f"γ-MoD {list(mod_layers)}")
+
+    stage(f"4/5 γ-MoD fine-tuning: {demo.mod_steps} steps, routing ratio {demo.routing_ratio}")
+    mod_config = config.copy_and_resolve_references()
+    mod_config.model.mod = dict(layers=mod_layers, routing_ratio=demo.routing_ratio, system_tokens=system_tokens,
+                                inference=demo.inference)
+    mod_config.init_checkpoint = dense_dir
+    mod_config.train.num_steps = demo.mod_steps
+    mod_config.optim.learning_rate = demo.mod_learning_rate
+    gamma_run = train(mod_config, os.path.join(out, "gamma_mod"))
+    gamma = nnx.merge(gamma_run["graphdef"], gamma_run["state"].params, gamma_run["rest"])
+    save_checkpoint(os.path.join(out, "gamma_mod_model"), gamma)
+
+    stage("5/5 γ-MoD evaluation, prefill timing, FLOPs")
+    gamma_eval = evaluate_vqa(gamma, eval_examples(), tokenizer, batch_size=demo.eval_batch_size,
+                              buckets=config.data.buckets, max_new_tokens=demo.max_new_tokens)
+    timing_batch = collate_prompts(list(eval_examples())[: demo.eval_batch_size], batch_size=demo.eval_batch_size,
+                                   buckets=config.data.buckets)
+    dense_s, gamma_s = time_prefill(dense, timing_batch), time_prefill(gamma, timing_batch)
+    seq_len = config.data.buckets[-1] - 1 + model_cfg.num_image_tokens
+    skip = gamma_eval.get("skip_ratio", 0.0)
+    tflops_dense = paper_tflops(model_cfg.llm, seq_len, (), 0.0)
+    tflops_gamma = paper_tflops(model_cfg.llm, seq_len, mod_layers, skip)
+    last = read_metrics(os.path.join(out, "gamma_mod"))[-1]
     report = {
-        "config": args.config,
-        "parameters": dict(counts),
-        "spliced_length": int(out.logits.shape[1]),
-        "image_tokens_per_example": [int((row == tt.IMAGE).sum()) for row in types],
-        "generated": np.asarray(tokens).tolist(),
-        "gamma_mod": {
-            "mod_layers": list(gamma.llm.mod_layers),
-            "skip_ratio_per_layer": np.asarray(gamma_out.mod_aux["skip_ratio"]).round(4).tolist(),
-            "skip_image_per_layer": np.asarray(gamma_out.mod_aux["skip_image"]).round(4).tolist(),
-            "skip_question_per_layer": np.asarray(gamma_out.mod_aux["skip_question"]).round(4).tolist(),
-            "routing_loss_per_layer": np.asarray(gamma_out.mod_aux["routing_loss"]).round(4).tolist(),
-        },
-        "tflops_dense_7b_1400": round(paper_tflops(llm7b, 1400, layers7b, 0.0), 2),
-        "tflops_gamma_mod_7b_1400_skip_0.379": round(paper_tflops(llm7b, 1400, layers7b, 0.379), 2),
-        "forward_seconds_incl_compile": round(forward_s, 3),
-        "generate_seconds_incl_compile": round(generate_s, 3),
+        "dense": {"accuracy": dense_eval["accuracy"], "num_examples": dense_eval["num_examples"],
+                  "steps": dense_run["step"], "final_lm_loss": read_metrics(os.path.join(out, "dense"))[-1]["lm_loss"]},
+        "gamma_mod": {"accuracy": gamma_eval["accuracy"], "num_examples": gamma_eval["num_examples"],
+                      "skip_ratio": skip, "training_skip_ratio": last.get("skip_ratio"),
+                      "skip_ratio_per_layer": last.get("skip_ratio_per_layer"), "mod_layers": list(mod_layers),
+                      "dense_layers": report_arank["dense_layers"], "routing_ratio": demo.routing_ratio,
+                      "steps": gamma_run["step"], "final_lm_loss": last["lm_loss"]},
+        "arank": [s["mean"] for s in stats],
+        "prefill_ms_dense": dense_s * 1e3, "prefill_ms_gamma_mod": gamma_s * 1e3,
+        "prefill_speedup": dense_s / gamma_s,
+        "tflops_dense": tflops_dense, "tflops_gamma_mod": tflops_gamma,
+        "flops_ideal_speedup": tflops_dense / tflops_gamma if tflops_gamma else None,
+        "sequence_length": seq_len, "quick": args.quick, "seconds": time.perf_counter() - started,
+        "examples": gamma_eval["predictions"][:8],
     }
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "report.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    print(json.dumps(report))
+    write_json_atomic(os.path.join(out, "report.json"), report)
+    plots = [_plot_losses(out, {"dense": os.path.join(out, "dense"), "γ-MoD": os.path.join(out, "gamma_mod")}),
+             os.path.join(out, "arank.png")]
+    if isinstance(last.get("skip_ratio_per_layer"), list):
+        plots.append(_plot_skip(out, mod_layers, last["skip_ratio_per_layer"]))
+    _write_markdown(out, report, plots)
+    rows = [("dense", report["dense"]["accuracy"], "-", f"{tflops_dense:.6f}", f"{dense_s * 1e3:.1f}"),
+            ("γ-MoD", report["gamma_mod"]["accuracy"], f"{skip:.3f}", f"{tflops_gamma:.6f}", f"{gamma_s * 1e3:.1f}")]
+    print(f"\n{'model':<8}{'accuracy':>10}{'skip':>8}{'TFLOPs':>12}{'prefill ms':>12}")
+    for name, acc, sk, tf, ms in rows:
+        print(f"{name:<8}{acc:>10.3f}{sk:>8}{tf:>12}{ms:>12}")
+    print(f"prefill speed-up {report['prefill_speedup']:.2f} (FLOPs-ideal {report['flops_ideal_speedup']:.2f}); "
+          f"report: {os.path.join(out, 'report.md')}")
+    return report
+
+
+def _write_markdown(out: str, report: dict, plots) -> None:
+    d, g = report["dense"], report["gamma_mod"]
+    lines = [
+        "# γ-MoD adaptation on easy-VQA", "",
+        "A small LLaVA-HR trained from scratch (dense), ARank per layer, the lowest-ARank layers turned into",
+        "γ-MoD layers with one shared router, fine-tuned, both evaluated by greedy generation on the test split.", "",
+        "| model | accuracy | skip ratio | TFLOPs (paper convention) | prefill ms |", "|---|---|---|---|---|",
+        f"| dense | {d['accuracy']:.3f} | - | {report['tflops_dense']:.6f} | {report['prefill_ms_dense']:.1f} |",
+        f"| γ-MoD | {g['accuracy']:.3f} | {g['skip_ratio']:.3f} | {report['tflops_gamma_mod']:.6f} | "
+        f"{report['prefill_ms_gamma_mod']:.1f} |", "",
+        f"- dense layers {g['dense_layers']}, γ-MoD layers {g['mod_layers']}, routing ratio {g['routing_ratio']}",
+        f"- prefill speed-up {report['prefill_speedup']:.2f}, FLOPs-ideal {report['flops_ideal_speedup']:.2f}",
+        f"- {d['num_examples']} test questions, {report['seconds']:.0f} s in all"
+        + (" (--quick: smoke-test lengths, accuracy means nothing)" if report["quick"] else ""), "",
+    ]
+    lines += [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
+    lines += ["", "| question | reference | γ-MoD answer |", "|---|---|---|"]
+    lines += [f"| {e['question']} | {e['answer']} | {e['prediction']} |" for e in report["examples"]]
+    tmp = os.path.join(out, ".report.md.partial")
+    with open(tmp, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(tmp, os.path.join(out, "report.md"))
 
 
 if __name__ == "__main__":

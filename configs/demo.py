@@ -1,0 +1,32 @@
+"""The `make demo` run: γ-MoD adaptation of a small LLaVA-HR trained from scratch on easy-VQA.
+
+`get_config()` is the dense training config; launch/demo.py derives the γ-MoD fine-tuning
+from it (MoD layers from ARank). The model is LLaVA-HR-shaped (CLIP fast branch, ConvNeXt
+slow branch, MR-Adapters, projector, LLaMA decoder) at a width a 2-core CPU trains in
+minutes; the vocabulary size is set by the demo from its word tokenizer.
+"""
+
+import ml_collections
+
+from configs import train as train_configs
+
+
+def get_config(arg=None):
+    config = train_configs.get_config("llava_hr_7b_stage1,tiny")
+    m = config.model
+    m.adapter_after_layers = (0, 1, 2)      # stage-2 style: MR-Adapters on, everything trained
+    m.llm = dict(m.llm, hidden_size=128, intermediate_size=256, num_hidden_layers=6, num_attention_heads=4,
+                 num_key_value_heads=4, max_position_embeddings=256)
+    config.optim.freeze = train_configs.ALL_TRAINABLE
+    config.optim.learning_rate = 2e-3
+    config.optim.warmup_ratio = 0.05
+    config.optim.weight_decay = 0.0
+    config.data = train_configs.data_config(source="easy_vqa", split="train", buckets=(24,), batch_size=16,
+                                            num_epochs=None)
+    config.train.update(num_steps=500, log_every=10, checkpoint_every=10_000, remat="none", progress_bar=True,
+                        async_checkpoints=False)
+    config.demo = ml_collections.ConfigDict(dict(
+        mod_steps=200, mod_learning_rate=5e-4, routing_ratio=0.5, keep_dense=2, arank_batches=4,
+        inference="capacity",  # top-k at inference too (the official threshold rule: "threshold")
+        eval_examples=512, eval_batch_size=64, max_new_tokens=2))
+    return config
