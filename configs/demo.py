@@ -12,9 +12,15 @@ from configs import train as train_configs
 
 
 def get_config(arg=None):
+    """arg: optional `image=<input size>,steps=<dense steps>,mod_steps=<γ-MoD steps>,lr=<dense lr>`."""
+    opts = dict(part.split("=", 1) for part in (arg or "").split(",") if part)
+    unknown = set(opts) - {"image", "steps", "mod_steps", "lr"}
+    if unknown:
+        raise ValueError(f"unknown demo config arguments {sorted(unknown)}")
     config = train_configs.get_config("llava_hr_7b_stage1,tiny")
     m = config.model
     m.adapter_after_layers = (0, 1, 2)      # stage-2 style: MR-Adapters on, everything trained
+    m.input_image_size = 64                 # easy-VQA's own size: 4 image tokens, a fast ConvNeXt
     m.llm = dict(m.llm, hidden_size=128, intermediate_size=256, num_hidden_layers=6, num_attention_heads=4,
                  num_key_value_heads=4, max_position_embeddings=256)
     config.optim.freeze = train_configs.ALL_TRAINABLE
@@ -23,10 +29,15 @@ def get_config(arg=None):
     config.optim.weight_decay = 0.0
     config.data = train_configs.data_config(source="easy_vqa", split="train", buckets=(24,), batch_size=16,
                                             num_epochs=None)
-    config.train.update(num_steps=500, log_every=10, checkpoint_every=10_000, remat="none", progress_bar=True,
+    config.train.update(num_steps=800, log_every=10, checkpoint_every=10_000, remat="none", progress_bar=True,
                         async_checkpoints=False)
     config.demo = ml_collections.ConfigDict(dict(
         mod_steps=200, mod_learning_rate=5e-4, routing_ratio=0.5, keep_dense=2, arank_batches=4,
         inference="capacity",  # top-k at inference too (the official threshold rule: "threshold")
         eval_examples=512, eval_batch_size=64, max_new_tokens=2))
+    if "image" in opts:
+        m.input_image_size = int(opts["image"])
+    config.train.num_steps = int(opts.get("steps", config.train.num_steps))
+    config.demo.mod_steps = int(opts.get("mod_steps", config.demo.mod_steps))
+    config.optim.learning_rate = float(opts.get("lr", config.optim.learning_rate))
     return config

@@ -83,11 +83,60 @@ def _plot_skip(out: str, layers, skip) -> str:
     return path
 
 
+def routing_maps(model, examples):
+    """Per example and MoD layer, which image patches the router keeps ([n, layers, g, g] bool)
+    under training-time capacity routing, and the display images ([n, S, S, 3] in [0, 1])."""
+    import jax.numpy as jnp
+
+    from gamma_mod_jax import token_types as tt
+    from gamma_mod_jax.data.image import CLIP_MEAN, CLIP_STD
+    from gamma_mod_jax.data.pipeline import collate_prompts
+
+    batch = collate_prompts(examples)
+    out = model(jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]),
+                jnp.asarray(batch["pixel_values"]), jnp.asarray(batch["token_types"]), routing="capacity")
+    selected = np.asarray(out.mod_aux["selected"])  # [layers, b, s]
+    types = np.asarray(out.token_types)
+    n = model.config.num_image_tokens
+    grid = int(round(n ** 0.5))
+    maps = np.stack([selected[:, i, types[i] == tt.IMAGE].reshape(-1, grid, grid) for i in range(len(examples))])
+    images = np.clip(batch["pixel_values"] * np.asarray(CLIP_STD) + np.asarray(CLIP_MEAN), 0, 1)
+    return maps, images
+
+
+def _plot_routing(out: str, maps, images, layers, questions) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, cols = len(images), 1 + len(layers)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.8 * cols, 1.9 * rows), squeeze=False)
+    size = images.shape[1]
+    for r in range(rows):
+        axes[r][0].imshow(images[r])
+        axes[r][0].set_title(questions[r][:28], fontsize=6)
+        for c, layer in enumerate(layers, 1):
+            keep = np.kron(maps[r, c - 1], np.ones((size // maps.shape[-1],) * 2))[:size, :size]
+            axes[r][c].imshow(images[r] * (0.25 + 0.75 * keep[..., None]))
+            if r == 0:
+                axes[r][c].set_title(f"layer {layer}", fontsize=8)
+        for ax in axes[r]:
+            ax.axis("off")
+    fig.suptitle("image patches kept (bright) / skipped (dark) per γ-MoD layer", fontsize=9)
+    fig.tight_layout()
+    path = os.path.join(out, "routing_maps.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--out", default="out/demo")
     parser.add_argument("--quick", action="store_true", help="a few steps per stage (smoke test)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--config", default="configs/demo.py", help="configs/demo.py[:image=..,steps=..]")
     args = parser.parse_args(argv)
 
     from flax import nnx
@@ -115,7 +164,7 @@ def main(argv=None):
     tokenizer_dir = os.path.join(out, "tokenizer")
     build_word_tokenizer(easy_vqa_vocabulary(), tokenizer_dir)
     tokenizer = load_tokenizer(tokenizer_dir)
-    config = load_config("configs/demo.py")
+    config = load_config(args.config)
     demo = config.demo
     config.seed = args.seed
     config.model.llm = dict(config.model.llm, vocab_size=-(-len(tokenizer) // 8) * 8)
@@ -200,6 +249,7 @@ def main(argv=None):
                   "steps": dense_run["step"], "final_lm_loss": read_metrics(os.path.join(out, "dense"))[-1]["lm_loss"]},
         "gamma_mod": {"accuracy": gamma_eval["accuracy"], "num_examples": gamma_eval["num_examples"],
                       "skip_ratio": skip, "training_skip_ratio": last.get("skip_ratio"),
+                      "training_skip_image": last.get("skip_image"), "training_skip_system": last.get("skip_system"),
                       "skip_ratio_per_layer": last.get("skip_ratio_per_layer"), "mod_layers": list(mod_layers),
                       "dense_layers": report_arank["dense_layers"], "routing_ratio": demo.routing_ratio,
                       "steps": gamma_run["step"], "final_lm_loss": last["lm_loss"]},
@@ -210,12 +260,18 @@ def main(argv=None):
         "flops_ideal_speedup": tflops_dense / tflops_gamma if tflops_gamma else None,
         "sequence_length": seq_len, "quick": args.quick, "seconds": time.perf_counter() - started,
         "examples": gamma_eval["predictions"][:8],
+        "arank_tie_break": report_arank.get("tie_break"),
     }
     write_json_atomic(os.path.join(out, "report.json"), report)
     plots = [_plot_losses(out, {"dense": os.path.join(out, "dense"), "γ-MoD": os.path.join(out, "gamma_mod")}),
              os.path.join(out, "arank.png")]
     if isinstance(last.get("skip_ratio_per_layer"), list):
         plots.append(_plot_skip(out, mod_layers, last["skip_ratio_per_layer"]))
+    shown = [e for e in list(eval_examples())[:4] if e["has_image"]]
+    maps, images = routing_maps(gamma, shown)
+    plots.append(_plot_routing(out, maps, images, mod_layers, [e["question"] for e in shown]))
+    report["gamma_mod"]["image_patches_kept_per_layer"] = maps.mean(axis=(0, 2, 3)).round(4).tolist()
+    write_json_atomic(os.path.join(out, "report.json"), report)
     _write_markdown(out, report, plots)
     rows = [("dense", report["dense"]["accuracy"], "-", f"{tflops_dense:.6f}", f"{dense_s * 1e3:.1f}"),
             ("γ-MoD", report["gamma_mod"]["accuracy"], f"{skip:.3f}", f"{tflops_gamma:.6f}", f"{gamma_s * 1e3:.1f}")]

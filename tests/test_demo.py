@@ -32,7 +32,8 @@ def test_quick_demo_writes_the_report(tmp_path):
     # capacity inference skips the routing ratio's share of the routable prefix
     assert 0.1 < g["skip_ratio"] < 0.7
     assert saved["tflops_gamma_mod"] < saved["tflops_dense"]
-    for name in ("report.md", "loss.png", "arank.png", "arank.json"):
+    assert len(g["image_patches_kept_per_layer"]) == len(g["mod_layers"])
+    for name in ("report.md", "loss.png", "arank.png", "arank.json", "routing_maps.png"):
         assert (out / name).stat().st_size > 0, name
     assert "![loss.png](loss.png)" in (out / "report.md").read_text()
     # a second run replaces the previous demo output; a foreign directory is refused
