@@ -11,11 +11,18 @@ Stage 2 (γ-MoD): mix665k with `<image>` moved to the front, lr 2e-5 for every p
 batch 128, bf16 compute, rematerialisation, max length 2496, routing-loss coefficient 0.01.
 `tiny` swaps in the test-sized model twin, a few steps and small batches (smoke runs, tests).
 Override anything on the command line: `--config.optim.learning_rate=1e-4`.
+
+Parallelism (gamma_mod_jax/parallel): `parallelism` "pjit" (one jax.jit over a device mesh,
+default) or "pmap" (plain data parallelism); `mesh` sizes of the (data, fsdp, tensor) axes,
+-1 for all remaining devices (`--config.mesh.data=2 --config.mesh.fsdp=4`); `sharding_rules`
+maps logical axis names (parallel/logical.py) to mesh axes. `data.batch_size` is per process
+and micro-batch: the global batch is batch_size x processes, split over data x fsdp.
 """
 
 import ml_collections
 
 from configs import _model
+from gamma_mod_jax.parallel.logical import DEFAULT_RULES
 
 MIX665K_RECORDS = 665_298
 LCS558K_RECORDS = 558_128
@@ -56,6 +63,9 @@ def base_config(model_file, model_arg, *, stage, global_batch, micro_batch, reco
     config.train = ml_collections.ConfigDict(dict(
         num_steps=max(records // global_batch, 1), log_every=10, checkpoint_every=500, keep_checkpoints=3,
         async_checkpoints=True, max_nonfinite_in_a_row=20, remat="full", tensorboard=True, progress_bar=True))
+    config.parallelism = "pjit"        # pjit | pmap
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    config.sharding_rules = DEFAULT_RULES  # (logical name, mesh axes or None) pairs
     return config
 
 

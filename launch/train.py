@@ -6,6 +6,14 @@
 Resumes automatically from the newest checkpoint in `<workdir>/checkpoints`; writes
 `<workdir>/metrics.jsonl`, TensorBoard files in `<workdir>/tensorboard` and the resolved
 config as `<workdir>/config.json`. SIGTERM saves a checkpoint and exits cleanly.
+
+Parallelism comes from the config (`--config.parallelism=pjit|pmap`,
+`--config.mesh.fsdp=8`, `--config.sharding_rules=...`; see configs/train.py). Several
+processes (one per host, or per GPU): every process runs this same command with
+`--coordinator_address=HOST:PORT --num_processes=N --process_id=I` (or the
+JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables, or inside a
+multi-task SLURM step, where nothing is needed: launch/slurm.sh);
+launch/local_multiprocess.sh starts such a job on this machine.
 """
 
 from __future__ import annotations
@@ -19,24 +27,53 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<file>.py[:arg]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics); resumed if it holds any")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "multi-process: HOST:PORT of process 0's "
+                                   "coordinator (default: JAX_COORDINATOR_ADDRESS, or detected under SLURM)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-process: number of processes")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-process: this process's index, 0..num_processes-1")
+_HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout", 100, "multi-process: seconds without a heartbeat after "
+                                  "which a process is declared dead and the job stops with an error")
+_INIT_TIMEOUT = flags.DEFINE_integer("initialization_timeout", 300, "multi-process: seconds to wait for every "
+                                     "process to join")
+_DATA_ITERATOR = flags.DEFINE_string("data_iterator", None, "MODULE:FUNCTION, a make_data_iterator(config, "
+                                     "model_config) to use instead of the Grain pipeline")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _import_function(spec: str):
+    import importlib
+
+    module, _, name = spec.partition(":")
+    if not name:
+        raise app.UsageError(f"--data_iterator must be MODULE:FUNCTION, got {spec!r}")
+    return getattr(importlib.import_module(module), name)
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    from gamma_mod_jax.parallel.distributed import initialize
+
+    # First, before anything touches a device (the trainer's imports do not).
+    initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, heartbeat_timeout_s=_HEARTBEAT.value,
+               initialization_timeout_s=_INIT_TIMEOUT.value, log=print)
+    import jax
+
     from gamma_mod_jax.train.trainer import TrainingError, train
 
     config, workdir = _CONFIG.value, _WORKDIR.value
+    make_data_iterator = _import_function(_DATA_ITERATOR.value) if _DATA_ITERATOR.value else None
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json(indent=2))
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json(indent=2))
     try:
-        summary = train(config, workdir)
+        summary = train(config, workdir, make_data_iterator=make_data_iterator)
     except (ValueError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float, str))}))
+    if jax.process_index() == 0:
+        print(json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float, str))}))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,11 @@
 State: parameters, optimizer state, step, the count of skipped non-finite updates (total
 and in a row). One call consumes one (micro-)batch; with gradient accumulation optax's
 MultiSteps applies the update every k calls.
+
+Under jax.jit with shardings (pjit) the batch is the global batch and the step is written
+as for one device. Under jax.pmap (`axis_name`) each device sees its part of the batch;
+the loss is normalised by the global number of supervised tokens and gradients are
+averaged with pmean, so both compute the same update as one device on the whole batch.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from gamma_mod_jax import token_types as tt
 from gamma_mod_jax.mod.routing import total_routing_loss
 
 IGNORE_INDEX = -100
@@ -30,13 +36,19 @@ class TrainState:
     nonfinite_run: jax.Array    # ... in a row (reset by a finite step)
 
 
-def masked_mean_nll(logits, labels):
-    """Mean negative log-likelihood over positions whose label is not IGNORE_INDEX
+def masked_nll_sum(logits, labels):
+    """Sum of the negative log-likelihood over positions whose label is not IGNORE_INDEX
     (logits and labels aligned), and the number of such positions."""
     valid = labels != IGNORE_INDEX
     nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), jnp.where(valid, labels, 0))
-    count = jnp.sum(valid)
-    return jnp.sum(nll * valid) / jnp.maximum(count, 1), count
+    return jnp.sum(nll * valid), jnp.sum(valid)
+
+
+def masked_mean_nll(logits, labels):
+    """Mean negative log-likelihood over positions whose label is not IGNORE_INDEX
+    (logits and labels aligned), and the number of such positions."""
+    total, count = masked_nll_sum(logits, labels)
+    return total / jnp.maximum(count, 1), count
 
 
 def next_token_loss(logits_bsv, labels_bs):
@@ -52,35 +64,75 @@ def init_train_state(params, tx) -> TrainState:
     return jax.tree.map(lambda x: jnp.array(x, copy=True), state)
 
 
-def loss_and_metrics(params, graphdef, rest, batch) -> tuple:
+def loss_and_metrics(params, graphdef, rest, batch, axis_name=None) -> tuple:
+    """(objective, metrics) of one batch. Without `axis_name` the batch is the global
+    batch (jit: a sharded global array). With it (pmap) the batch is this device's part
+    of the global batch and the objective is this device's share, scaled so that its
+    mean over the devices (and the mean of its gradients, jax.lax.pmean) is the global
+    batch's loss: the LM loss is normalised by the global count of supervised tokens,
+    as one large batch would be. Metrics are then global values on every device."""
     model = nnx.merge(graphdef, params, rest)
     out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch.get("token_types"),
                 batch["labels"], routing="capacity")
-    lm_loss, num_tokens = next_token_loss(out.logits, out.labels)
-    metrics: Dict[str, jax.Array] = {"lm_loss": lm_loss, "supervised_tokens": num_tokens,
-                                     "tokens": jnp.sum(out.attention_mask)}
     mod = model.llm.mod
-    if mod is not None:
-        routing_loss = total_routing_loss(out.mod_aux, mod)
-        metrics["routing_loss"] = routing_loss
-        for name, value in out.mod_aux.items():
-            if name.startswith("skip_"):
-                metrics[name] = jnp.mean(value)  # mean over MoD layers
-        metrics["skip_ratio_per_layer"] = out.mod_aux["skip_ratio"]
+    routing_loss = total_routing_loss(out.mod_aux, mod) if mod is not None else jnp.float32(0.0)
+    if axis_name is None:
+        lm_loss, num_tokens = next_token_loss(out.logits, out.labels)
+        objective = lm_loss + routing_loss
+        metrics: Dict[str, jax.Array] = {"lm_loss": lm_loss, "supervised_tokens": num_tokens,
+                                         "tokens": jnp.sum(out.attention_mask), "routing_loss": routing_loss}
+        if mod is not None:
+            for name, value in out.mod_aux.items():
+                if name.startswith("skip_"):
+                    metrics[name] = jnp.mean(value)  # mean over MoD layers
+            metrics["skip_ratio_per_layer"] = out.mod_aux["skip_ratio"]
     else:
-        routing_loss = jnp.float32(0.0)
-        metrics["routing_loss"] = routing_loss
+        nll_sum, count = masked_nll_sum(out.logits[:, :-1], out.labels[:, 1:])
+        num_tokens = jax.lax.psum(count, axis_name)  # labels only: no gradient flows here
+        devices = jax.lax.psum(1, axis_name)
+        share = nll_sum / jnp.maximum(num_tokens, 1)
+        # Routing losses are means over equally sized device batches: their pmean is global.
+        objective = devices * share + routing_loss
+        sg = jax.lax.stop_gradient
+        metrics = {"lm_loss": jax.lax.psum(sg(share), axis_name), "supervised_tokens": num_tokens,
+                   "tokens": jax.lax.psum(jnp.sum(out.attention_mask), axis_name),
+                   "routing_loss": jax.lax.pmean(sg(routing_loss), axis_name)}
+        if mod is not None:
+            metrics.update(_global_skip_metrics(out.mod_aux["selected"], out.token_types, axis_name))
+    if mod is None:
         metrics["skip_ratio"] = jnp.float32(0.0)
-    loss = lm_loss + routing_loss
-    metrics["loss"] = loss
-    return loss, metrics
+    metrics["loss"] = metrics["lm_loss"] + metrics["routing_loss"]
+    return objective, metrics
 
 
-def train_step(state: TrainState, batch, *, graphdef, rest, tx) -> tuple:
+def _global_skip_metrics(selected_nbs, token_types_bs, axis_name) -> Dict[str, jax.Array]:
+    """routing.skip_statistics over the global batch from per-device parts: skipped
+    counts and token counts are summed over devices before dividing; then the mean over
+    MoD layers (skip_<type>, skip_ratio) and skip_ratio per layer."""
+    skipped = (~selected_nbs).astype(jnp.float32)                       # [n_mod, b, s]
+    psum = lambda x: jax.lax.psum(x, axis_name)
+    out = {}
+    for type_id, name in tt.NAMES.items():
+        of_type = (token_types_bs == type_id).astype(jnp.float32)
+        ratio = psum(jnp.sum(skipped * of_type, axis=(1, 2))) / jnp.maximum(psum(jnp.sum(of_type)), 1.0)
+        out[f"skip_{name}"] = jnp.mean(ratio)
+    real = (token_types_bs != tt.PADDING).astype(jnp.float32)
+    per_layer = psum(jnp.sum(skipped * real, axis=(1, 2))) / jnp.maximum(psum(jnp.sum(real)), 1.0)
+    out["skip_ratio"] = jnp.mean(per_layer)
+    out["skip_ratio_per_layer"] = per_layer
+    return out
+
+
+def train_step(state: TrainState, batch, *, graphdef, rest, tx, axis_name=None) -> tuple:
     """One micro-batch: gradients, a non-finite guard, the optimizer update. Returns
     (new state, metrics). A non-finite loss or gradient norm leaves parameters and
-    optimizer state unchanged and is counted."""
-    (loss, metrics), grads = jax.value_and_grad(loss_and_metrics, has_aux=True)(state.params, graphdef, rest, batch)
+    optimizer state unchanged and is counted. `axis_name`: under jax.pmap, the mapped
+    axis; gradients are averaged over it (see loss_and_metrics)."""
+    (_, metrics), grads = jax.value_and_grad(loss_and_metrics, has_aux=True)(state.params, graphdef, rest, batch,
+                                                                            axis_name)
+    if axis_name is not None:
+        grads = jax.lax.pmean(grads, axis_name)
+    loss = metrics["loss"]
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)

@@ -5,6 +5,18 @@ checkpoints with automatic resume, metrics, SIGTERM handling.
 `step` below counts optimizer updates; with `optim.accumulation_steps = k` each update
 takes k micro-batches. Checkpoints hold the train state (parameters, optimizer, counters)
 and the data iterator, so a resumed run continues with the same batches and losses.
+
+Parallelism (gamma_mod_jax/parallel): `config.parallelism` "pjit" (default) runs the
+step as one jax.jit over a (data, fsdp, tensor) mesh (`config.mesh`, default all
+devices on `data`) with parameters and optimizer state sharded by logical axis names
+(`config.sharding_rules`, default parallel.logical.DEFAULT_RULES) and donated; "pmap"
+runs plain data parallelism with replicated state and pmean-averaged gradients. Each
+process reads its own share of the data (`data.batch_size` examples per process and
+micro-batch; the global batch is their concatenation in process order). Checkpoints
+hold global arrays, so they restore onto another mesh, process count or parallelism.
+With several processes every process saves and restores, metrics come from process
+0, and the processes agree at every micro-batch on whether all have data and whether
+any got SIGTERM, so they stop together.
 """
 
 from __future__ import annotations
@@ -18,12 +30,14 @@ import time
 from typing import Callable, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
 from gamma_mod_jax.models.config import MLLMConfig
+from gamma_mod_jax.parallel import data_parallel
+from gamma_mod_jax.parallel.mesh import DEFAULT_MESH, describe, make_mesh
+from gamma_mod_jax.parallel.sharding import BatchPlacer, like_params, param_shardings, place, replicated
 from gamma_mod_jax.train.metrics import MetricsWriter
 from gamma_mod_jax.train.optim import count_trainable, make_optimizer
 from gamma_mod_jax.train.step import BATCH_KEYS, TrainState, init_train_state, train_step
@@ -98,13 +112,24 @@ def _save(manager, step: int, state, data_iter, *, force=False) -> bool:
     return manager.save(step, args=ocp.args.Composite(**args), force=force)
 
 
-def _restore(manager, step: int, abstract_state, data_iter):
+def _restore(manager, step: int, abstract_state, data_iter, log=print):
     import grain
 
     args = {"state": ocp.args.StandardRestore(abstract_state)}
-    saved = os.listdir(os.path.join(str(manager.directory), str(step)))
+    directory = os.path.join(str(manager.directory), str(step))
+    saved = os.listdir(directory)
     if "data" in saved and _is_grain_iterator(data_iter):
-        args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+        # Grain keeps one state per process (process_<i>-of-<n>.json): saved by another
+        # number of processes, each process's shard of the data is another one and the
+        # positions do not carry over; the model state still does.
+        count = jax.process_count()
+        mine = f"process_{jax.process_index()}-of-{count}.json"
+        if mine in os.listdir(os.path.join(directory, "data")):
+            args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+        else:
+            others = sorted(f for f in os.listdir(os.path.join(directory, "data")) if f.startswith("process_"))
+            log(f"warning: {directory}/data holds the data-iterator state of another number of processes "
+                f"({others[:2]}...), not of {count}; the data iterator starts from its beginning")
     elif "data_json" in saved and hasattr(data_iter, "set_state"):
         args["data_json"] = ocp.args.JsonRestore()
     else:
@@ -116,11 +141,143 @@ def _restore(manager, step: int, abstract_state, data_iter):
     return restored["state"]
 
 
-def _device_batch(batch) -> dict:
+def _host_batch(batch) -> dict:
     missing = [k for k in BATCH_KEYS if k not in batch]
     if missing:
         raise ValueError(f"data batch lacks {missing}; it has {sorted(batch)}")
-    return {k: jnp.asarray(batch[k]) for k in BATCH_KEYS}
+    return {k: np.asarray(batch[k]) for k in BATCH_KEYS}
+
+
+def _host_value(x) -> np.ndarray:
+    """Host copy of a replicated (or single-device, or host) value, in any process."""
+    if isinstance(x, jax.Array):
+        return np.asarray(x.addressable_shards[0].data)
+    return np.asarray(x)
+
+
+PARALLELISMS = ("pjit", "pmap")
+
+
+def sharding_rules(config):
+    """config.sharding_rules as a tuple of pairs (None: the default rules)."""
+    rules = config.get("sharding_rules")
+    return None if rules is None else tuple(tuple(r) for r in rules)
+
+
+def train_state_shardings(params, tx, mesh, rules=None, *, log=print):
+    """(TrainState of NamedShardings, TrainState of ShapeDtypeStructs carrying them) for
+    parameters `params` (arrays or ShapeDtypeStructs) under optimizer `tx`: parameters by
+    their logical axes and `rules`, optimizer moments like their parameters, counters
+    replicated. The second is the restore target for a checkpoint on this mesh."""
+    rep = replicated(mesh)
+    param_sh = param_shardings(params, mesh, rules, log=log)
+    abstract = jax.eval_shape(lambda p: init_train_state(p, tx), params)
+    shardings = TrainState(params=param_sh, opt_state=like_params(abstract.opt_state, params, param_sh, rep),
+                           step=rep, nonfinite_total=rep, nonfinite_run=rep)
+    abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), abstract, shardings)
+    return shardings, abstract
+
+
+class _PjitRunner:
+    """The step as one jax.jit over the mesh: state sharded by logical axis rules and
+    donated, batches as global arrays sharded over the batch axes."""
+
+    def __init__(self, config, graphdef, rest, tx, params, log, devices=None):
+        self.mesh = make_mesh(config.get("mesh") or DEFAULT_MESH, devices)
+        rules = sharding_rules(config)
+        self.replicated = replicated(self.mesh)
+        self.shardings, self.abstract = train_state_shardings(params, tx, self.mesh, rules, log=log)
+        self.place_batch = BatchPlacer(self.mesh, rules, log=log)
+        self.state = jax.jit(lambda p: init_train_state(p, tx), out_shardings=self.shardings)(
+            place(params, self.shardings.params))
+        self._step = functools.partial(train_step, graphdef=graphdef, rest=rest, tx=tx)
+        self._compiled = {}
+        per_device = sum(_shard_bytes(x) for x in jax.tree.leaves(self.state))
+        total = sum(x.nbytes for x in jax.tree.leaves(self.state))
+        log(f"parallelism: pjit, {describe(self.mesh)}; train state {total / 2**20:.1f} MiB, "
+            f"{per_device / 2**20:.1f} MiB per device")
+
+    def step(self, state, batch):
+        batch = self.place_batch(_host_batch(batch))
+        size = batch["input_ids"].shape[0]
+        if size not in self._compiled:
+            in_batch = {k: v.sharding for k, v in batch.items()}
+            self._compiled[size] = jax.jit(self._step, in_shardings=(self.shardings, in_batch),
+                                           out_shardings=(self.shardings, self.replicated), donate_argnums=0)
+        return self._compiled[size](state, batch)
+
+    def abstract_checkpoint(self):
+        return self.abstract
+
+    def to_checkpoint(self, state):
+        return state
+
+    def from_checkpoint(self, restored):
+        return restored
+
+    @staticmethod
+    def to_host(metrics):
+        return jax.tree.map(_host_value, metrics)
+
+
+class _PmapRunner:
+    """Plain data parallelism: jax.pmap over the local devices of every process,
+    replicated state, gradients averaged with pmean (see train.step)."""
+
+    def __init__(self, config, graphdef, rest, tx, params, log, devices=None):
+        if devices is not None and len(devices) != jax.device_count():
+            raise ValueError("pmap runs on every local device of every process")
+        self.mesh = make_mesh(DEFAULT_MESH)  # checkpoints: global arrays replicated on every device
+        self.state = data_parallel.replicate(init_train_state(params, tx))
+        self.abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=replicated(self.mesh)), self.state)
+        step = functools.partial(train_step, graphdef=graphdef, rest=rest, tx=tx, axis_name=data_parallel.AXIS)
+        self._step = jax.pmap(step, axis_name=data_parallel.AXIS, donate_argnums=0)
+        if config.get("mesh") and dict(config.mesh) != DEFAULT_MESH:
+            log(f"parallelism: pmap ignores config.mesh {dict(config.mesh)}")
+        log(f"parallelism: pmap over {jax.local_device_count()} local device(s) x {jax.process_count()} "
+            f"process(es)")
+
+    def step(self, state, batch):
+        return self._step(state, data_parallel.split_batch(_host_batch(batch)))
+
+    def abstract_checkpoint(self):
+        return self.abstract
+
+    def to_checkpoint(self, state):
+        return data_parallel.unreplicate(state, self.mesh)
+
+    def from_checkpoint(self, restored):
+        return data_parallel.from_global(restored)
+
+    @staticmethod
+    def to_host(metrics):
+        return data_parallel.unreplicate_metrics(metrics)
+
+
+def _shard_bytes(x) -> int:
+    shape = x.sharding.shard_shape(x.shape)
+    return int(np.prod(shape)) * x.dtype.itemsize
+
+
+def make_step_runner(config, graphdef, rest, tx, params, log=print, *, devices=None):
+    """The step runner `config.parallelism` asks for: `.state` (the initial train state,
+    placed), `.step(state, host_batch) -> (state, metrics)`, checkpoint conversions.
+    `devices`: the mesh's devices (default: all)."""
+    kind = config.get("parallelism") or "pjit"
+    if kind not in PARALLELISMS:
+        raise ValueError(f"config.parallelism must be one of {PARALLELISMS}, got {kind!r}")
+    return (_PjitRunner if kind == "pjit" else _PmapRunner)(config, graphdef, rest, tx, params, log, devices)
+
+
+def _all_processes(*flags: bool) -> tuple:
+    """(all processes' flag is True) for each flag; a no-op with one process."""
+    if jax.process_count() == 1:
+        return flags
+    from jax.experimental import multihost_utils
+
+    gathered = np.asarray(multihost_utils.process_allgather(np.asarray(flags, np.int32)))
+    return tuple(bool(v) for v in gathered.reshape(-1, len(flags)).min(axis=0))
 
 
 def _trim_metrics(workdir: str, last_step: int) -> None:
@@ -143,15 +300,19 @@ def train(config, workdir: str, *, make_data_iterator: Optional[Callable] = None
     DatasetIterator for checkpointable data); default: gamma_mod_jax.data.pipeline."""
     os.makedirs(workdir, exist_ok=True)
     train_cfg, optim_cfg = config.train, config.optim
-    model = model_for_training(config, log=log)
+    lead = jax.process_index() == 0
+    info = log if lead else (lambda *_: None)
+    model = model_for_training(config, log=info)
     model.llm.remat = train_cfg.remat
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     num_updates = int(train_cfg.num_steps)
     accumulation = int(optim_cfg.accumulation_steps)
     tx, schedule, mask = make_optimizer(optim_cfg, params, num_updates)
     trained, total = count_trainable(params, mask)
-    log(f"parameters: {trained:,} trained of {total:,}")
-    state = init_train_state(params, tx)
+    info(f"parameters: {trained:,} trained of {total:,}")
+    runner = make_step_runner(config, graphdef, rest, tx, params, info)
+    state = runner.state
+    runner.state = None
     model_cfg = model.config
     del params, model
 
@@ -163,61 +324,67 @@ def train(config, workdir: str, *, make_data_iterator: Optional[Callable] = None
     start = 0
     latest = manager.latest_step()
     if latest is not None:
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-        state = _restore(manager, latest, abstract, data_iter)
+        del state  # its buffers are replaced by the restored ones
+        state = runner.from_checkpoint(_restore(manager, latest, runner.abstract_checkpoint(), data_iter, log=info))
         start = latest
-        _trim_metrics(workdir, latest)
-        log(f"resumed from {workdir}/checkpoints at step {latest}")
-    step_fn = jax.jit(functools.partial(train_step, graphdef=graphdef, rest=rest, tx=tx), donate_argnums=0)
+        if lead:
+            _trim_metrics(workdir, latest)
+        info(f"resumed from {workdir}/checkpoints at step {latest}")
+    save = lambda step_, state_, force=False: _save(manager, step_, runner.to_checkpoint(state_), data_iter,
+                                                    force=force)
 
     stop = {"signal": None}
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
     writer = MetricsWriter(workdir, total_steps=num_updates, initial_step=start,
-                           enabled=jax.process_index() == 0, tensorboard=train_cfg.tensorboard,
+                           enabled=lead, tensorboard=train_cfg.tensorboard,
                            progress=train_cfg.progress_bar)
     step, status = start, "finished"
     try:
-        window = _Window()
+        window = _Window(runner.to_host)
         while step < num_updates:
             tic = time.perf_counter()
             for _ in range(accumulation):
                 try:
                     batch = next(data_iter)
                 except StopIteration:
+                    batch = None
+                if not _all_processes(batch is not None)[0]:  # every process must have data
                     status = "data exhausted"
                     break
-                state, metrics = step_fn(state, _device_batch(batch))
+                state, metrics = runner.step(state, batch)
                 window.add(metrics)
             if status != "finished":
                 break
             step += 1
-            run = int(state.nonfinite_run)
+            run = int(_host_value(state.nonfinite_run).reshape(-1)[0])
             if step % train_cfg.log_every == 0 or step == num_updates or run:
                 summary = window.summary(time.perf_counter() - tic, accumulation)
-                summary.update(learning_rate=float(schedule(step - 1)), nonfinite_total=int(state.nonfinite_total))
+                summary.update(learning_rate=float(schedule(step - 1)),
+                               nonfinite_total=int(_host_value(state.nonfinite_total).reshape(-1)[0]))
                 summary.update(_data_stats(data_iter))
                 writer.write(step, summary)
             writer.advance()
             if run > train_cfg.max_nonfinite_in_a_row:
-                _save(manager, step, state, data_iter, force=True)
+                save(step, state, force=True)
                 manager.wait_until_finished()
                 raise TrainingError(f"{run} non-finite losses or gradients in a row (limit "
                                     f"{train_cfg.max_nonfinite_in_a_row}) at step {step}; saved a checkpoint at "
                                     f"step {step}; lower the learning rate or check the data")
             if step % train_cfg.checkpoint_every == 0:
-                _save(manager, step, state, data_iter)
-            if stop["signal"] is not None:
+                save(step, state)
+            if not _all_processes(stop["signal"] is None)[0]:  # SIGTERM on any process stops all
                 status = "stopped by SIGTERM"
                 break
         if manager.latest_step() != step and step > start:
-            _save(manager, step, state, data_iter, force=True)
+            save(step, state, force=True)
     except TrainingError:
         raise
     except BaseException:
-        # Save what was reached before the failure (unless the state itself is gone).
-        if step > start and manager.latest_step() != step:
+        # Save what was reached before the failure (unless the state itself is gone). Not
+        # with several processes: the others are not saving, and a save needs all of them.
+        if step > start and manager.latest_step() != step and jax.process_count() == 1:
             try:
-                _save(manager, step, state, data_iter, force=True)
+                save(step, state, force=True)
                 writer.message(f"saved a checkpoint at step {step} before stopping")
             except Exception:  # the state's buffers may have been donated to the failed step
                 pass
@@ -227,22 +394,24 @@ def train(config, workdir: str, *, make_data_iterator: Optional[Callable] = None
         manager.close()
         writer.close()
         signal.signal(signal.SIGTERM, previous)
-    log(f"{status} at step {step}; checkpoints in {workdir}/checkpoints")
-    return {"status": status, "step": step, "nonfinite_total": int(state.nonfinite_total),
+    info(f"{status} at step {step}; checkpoints in {workdir}/checkpoints")
+    state = runner.to_checkpoint(state)
+    return {"status": status, "step": step, "nonfinite_total": int(_host_value(state.nonfinite_total)),
             "state": state, "graphdef": graphdef, "rest": rest}
 
 
 class _Window:
     """Host-side mean of micro-batch metrics since the last log line."""
 
-    def __init__(self):
+    def __init__(self, to_host):
         self.items = []
+        self.to_host = to_host
 
     def add(self, metrics):
         self.items.append(metrics)
 
     def summary(self, seconds: float, accumulation: int) -> dict:
-        host = jax.device_get(self.items)
+        host = [self.to_host(m) for m in self.items]
         self.items = []
         out = {}
         for key in host[0]:
