@@ -40,6 +40,7 @@ def assert_same_losses(got, want):
     np.testing.assert_allclose([l for _, l in got], [l for _, l in want], rtol=1e-5)
 
 
+@pytest.mark.slow  # ~80 s each on 2 cores: in `make test`, not the fast subset
 def test_two_processes_train_with_the_losses_of_one_process_and_of_one_device(tmp_path):
     two_processes(tmp_path / "2x4")
     one_process(tmp_path / "1x8", 8)
@@ -51,6 +52,7 @@ def test_two_processes_train_with_the_losses_of_one_process_and_of_one_device(tm
     assert sorted(os.listdir(tmp_path / "2x4" / "checkpoints")) == ["3", "6"]
 
 
+@pytest.mark.slow  # ~80 s each on 2 cores: in `make test`, not the fast subset
 def test_checkpoint_of_two_processes_restores_on_one_process_and_one_device(tmp_path):
     two_processes(tmp_path / "2x4")  # checkpoints at steps 3 and 6
     uninterrupted = losses(tmp_path / "2x4")
