@@ -66,10 +66,11 @@ def load_model(config_spec, checkpoint, *, seed: int = 0, log=print):
 
 def write_json_atomic(path: str, doc) -> None:
     """Writes `doc` as JSON to `path` through a temporary sibling and os.replace."""
-    _write_atomic(path, lambda f: f.write(json.dumps(doc, indent=2).encode() + b"\n"))
+    write_file_atomic(path, lambda f: f.write(json.dumps(doc, indent=2).encode() + b"\n"))
 
 
-def _write_atomic(path: str, write) -> None:
+def write_file_atomic(path: str, write) -> None:
+    """Writes `path` through a temporary sibling: `write(binary file)`, then os.replace."""
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".partial", dir=parent)
@@ -111,7 +112,7 @@ def plot_arank(report: dict, path: str) -> None:
     ax.legend(loc="upper center", ncol=2)
     fig.tight_layout()
     try:
-        _write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))
+        write_file_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))
     finally:
         plt.close(fig)
 

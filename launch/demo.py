@@ -184,10 +184,9 @@ def main(argv=None):
           f"{model_cfg.num_image_tokens} image tokens; model {model_cfg.family}, LLM {model_cfg.llm.num_hidden_layers} "
           f"layers x {model_cfg.llm.hidden_size}")
 
-    def eval_examples():
-        data = dict(config.data.to_dict(), split="test")
-        return make_eval_examples(data, tokenizer=tokenizer, image_size=model_cfg.input_image_size,
-                                  limit=demo.eval_examples)
+    # Read and preprocessed once: both evaluations, the timing batch and the routing maps use them.
+    test_examples = list(make_eval_examples(dict(config.data.to_dict(), split="test"), tokenizer=tokenizer,
+                                            image_size=model_cfg.input_image_size, limit=demo.eval_examples))
 
     stage(f"1/5 dense training from scratch: {config.train.num_steps} steps of {config.data.batch_size}")
     dense_run = train(config, os.path.join(out, "dense"))
@@ -196,7 +195,7 @@ def main(argv=None):
     save_checkpoint(dense_dir, dense)
 
     stage(f"2/5 dense evaluation on {demo.eval_examples} test questions")
-    dense_eval = evaluate_vqa(dense, eval_examples(), tokenizer, batch_size=demo.eval_batch_size,
+    dense_eval = evaluate_vqa(dense, test_examples, tokenizer, batch_size=demo.eval_batch_size,
                               buckets=config.data.buckets, max_new_tokens=demo.max_new_tokens)
     print(f"dense accuracy {dense_eval['accuracy']:.3f}")
 
@@ -234,9 +233,9 @@ def main(argv=None):
     save_checkpoint(os.path.join(out, "gamma_mod_model"), gamma)
 
     stage("5/5 γ-MoD evaluation, prefill timing, FLOPs")
-    gamma_eval = evaluate_vqa(gamma, eval_examples(), tokenizer, batch_size=demo.eval_batch_size,
+    gamma_eval = evaluate_vqa(gamma, test_examples, tokenizer, batch_size=demo.eval_batch_size,
                               buckets=config.data.buckets, max_new_tokens=demo.max_new_tokens)
-    timing_batch = collate_prompts(list(eval_examples())[: demo.eval_batch_size], batch_size=demo.eval_batch_size,
+    timing_batch = collate_prompts(test_examples[: demo.eval_batch_size], batch_size=demo.eval_batch_size,
                                    buckets=config.data.buckets)
     dense_s, gamma_s = time_prefill(dense, timing_batch), time_prefill(gamma, timing_batch)
     seq_len = config.data.buckets[-1] - 1 + model_cfg.num_image_tokens
@@ -244,6 +243,8 @@ def main(argv=None):
     tflops_dense = paper_tflops(model_cfg.llm, seq_len, (), 0.0)
     tflops_gamma = paper_tflops(model_cfg.llm, seq_len, mod_layers, skip)
     last = read_metrics(os.path.join(out, "gamma_mod"))[-1]
+    shown = [e for e in test_examples[:4] if e["has_image"]]
+    maps, images = routing_maps(gamma, shown)
     report = {
         "dense": {"accuracy": dense_eval["accuracy"], "num_examples": dense_eval["num_examples"],
                   "steps": dense_run["step"], "final_lm_loss": read_metrics(os.path.join(out, "dense"))[-1]["lm_loss"]},
@@ -252,7 +253,8 @@ def main(argv=None):
                       "training_skip_image": last.get("skip_image"), "training_skip_system": last.get("skip_system"),
                       "skip_ratio_per_layer": last.get("skip_ratio_per_layer"), "mod_layers": list(mod_layers),
                       "dense_layers": report_arank["dense_layers"], "routing_ratio": demo.routing_ratio,
-                      "steps": gamma_run["step"], "final_lm_loss": last["lm_loss"]},
+                      "steps": gamma_run["step"], "final_lm_loss": last["lm_loss"],
+                      "image_patches_kept_per_layer": maps.mean(axis=(0, 2, 3)).round(4).tolist()},
         "arank": [s["mean"] for s in stats],
         "prefill_ms_dense": dense_s * 1e3, "prefill_ms_gamma_mod": gamma_s * 1e3,
         "prefill_speedup": dense_s / gamma_s,
@@ -267,11 +269,7 @@ def main(argv=None):
              os.path.join(out, "arank.png")]
     if isinstance(last.get("skip_ratio_per_layer"), list):
         plots.append(_plot_skip(out, mod_layers, last["skip_ratio_per_layer"]))
-    shown = [e for e in list(eval_examples())[:4] if e["has_image"]]
-    maps, images = routing_maps(gamma, shown)
     plots.append(_plot_routing(out, maps, images, mod_layers, [e["question"] for e in shown]))
-    report["gamma_mod"]["image_patches_kept_per_layer"] = maps.mean(axis=(0, 2, 3)).round(4).tolist()
-    write_json_atomic(os.path.join(out, "report.json"), report)
     _write_markdown(out, report, plots)
     rows = [("dense", report["dense"]["accuracy"], "-", f"{tflops_dense:.6f}", f"{dense_s * 1e3:.1f}"),
             ("γ-MoD", report["gamma_mod"]["accuracy"], f"{skip:.3f}", f"{tflops_gamma:.6f}", f"{gamma_s * 1e3:.1f}")]
@@ -284,6 +282,8 @@ def main(argv=None):
 
 
 def _write_markdown(out: str, report: dict, plots) -> None:
+    from launch.arank import write_file_atomic
+
     d, g = report["dense"], report["gamma_mod"]
     lines = [
         "# γ-MoD adaptation on easy-VQA", "",
@@ -301,10 +301,7 @@ def _write_markdown(out: str, report: dict, plots) -> None:
     lines += [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
     lines += ["", "| question | reference | γ-MoD answer |", "|---|---|---|"]
     lines += [f"| {e['question']} | {e['answer']} | {e['prediction']} |" for e in report["examples"]]
-    tmp = os.path.join(out, ".report.md.partial")
-    with open(tmp, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, os.path.join(out, "report.md"))
+    write_file_atomic(os.path.join(out, "report.md"), lambda f: f.write(("\n".join(lines) + "\n").encode()))
 
 
 if __name__ == "__main__":

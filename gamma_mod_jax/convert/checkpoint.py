@@ -237,20 +237,6 @@ def convert_hf_checkpoint(src: str, dst: str, *, dtype: Optional[str] = None, mo
     return cfg
 
 
-def load_hf_checkpoint(src: str, *, dtype: Optional[str] = None):
-    """An original checkpoint directory as our model, in memory (small models, tests)."""
-    from gamma_mod_jax import api
-
-    state_dict = LazyStateDict(src)
-    config_path = os.path.join(src, "config.json")
-    cfg = mllm_config_from_hf(read_json(config_path), {k: state_dict[k].shape for k in state_dict},
-                              source=config_path)
-    cfg = _with_dtype(cfg, dtype, state_dict)
-    model = api.abstract_model(cfg)
-    api.load_torch_state_dict(model, state_dict, source=src)
-    return model
-
-
 # --------------------------------------------------------------------------- export
 
 

@@ -12,35 +12,21 @@ import pytest
 from flax import nnx
 
 from gamma_mod_jax import api as gm
-from gamma_mod_jax import token_types as tt
 from gamma_mod_jax.config_file import load_config
 from gamma_mod_jax.convert.checkpoint import save_checkpoint
 from gamma_mod_jax.convert.keymap import param_paths
 from gamma_mod_jax.train.metrics import read_metrics
 from gamma_mod_jax.train.optim import path_string
 from gamma_mod_jax.train.trainer import TrainingError, model_for_training, train
-
-T = 24
+from tests.parallel.synthetic_data import example as synthetic_example
 
 
 def example(index: int, image_size: int, seed: int, poison=()):
-    """One right-padded sample: BOS, 2 system tokens, the image, a question, an answer."""
-    rng = np.random.default_rng([seed, index])
-    length = int(rng.integers(14, T + 1))
-    ids = rng.integers(3, 250, size=T).astype(np.int32)
-    ids[0], ids[3] = 1, -200
-    types = np.full(T, tt.QUESTION, np.int32)
-    types[:3], types[3] = tt.SYSTEM, tt.IMAGE
-    answer = length - 4
-    types[answer:length] = tt.ANSWER
-    labels = np.where((np.arange(T) >= answer) & (np.arange(T) < length), ids, -100).astype(np.int32)
-    mask = (np.arange(T) < length).astype(np.int32)
-    ids, types = np.where(mask == 1, ids, 0), np.where(mask == 1, types, tt.PADDING)
-    pixels = rng.standard_normal((image_size, image_size, 3)).astype(np.float32)
+    """The parallelism tests' synthetic sample; a `poison`ed index gets NaN pixels."""
+    item = synthetic_example(index, image_size, seed)
     if index in poison:
-        pixels[:] = np.nan
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "token_types": types,
-            "pixel_values": pixels}
+        item["pixel_values"][:] = np.nan
+    return item
 
 
 def synthetic_iterator(batch_size, seed=0, poison=(), size=64):
