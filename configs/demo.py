@@ -20,21 +20,25 @@ def get_config(arg=None):
     config = train_configs.get_config("llava_hr_7b_stage1,tiny")
     m = config.model
     m.adapter_after_layers = (0, 1, 2)      # stage-2 style: MR-Adapters on, everything trained
-    m.input_image_size = 64                 # easy-VQA's own size: 4 image tokens, a fast ConvNeXt
+    m.input_image_size = 64                 # easy-VQA's own size: a fast ConvNeXt
+    # CLIP at 56 px: a 4x4 grid of 16 image tokens (at 28 px, 2x2 tokens, the towers learn
+    # colours several times slower: each token then mixes a quarter of the picture).
+    m.clip = dict(m.clip, image_size=56)
     m.llm = dict(m.llm, hidden_size=128, intermediate_size=256, num_hidden_layers=6, num_attention_heads=4,
                  num_key_value_heads=4, max_position_embeddings=256)
     config.optim.freeze = train_configs.ALL_TRAINABLE
     config.optim.learning_rate = 2e-3
     config.optim.warmup_ratio = 0.05
     config.optim.weight_decay = 0.0
-    config.data = train_configs.data_config(source="easy_vqa", split="train", buckets=(24,), batch_size=16,
+    config.data = train_configs.data_config(source="easy_vqa", split="train", buckets=(48,), batch_size=16,
                                             num_epochs=None)
     config.train.update(num_steps=800, log_every=10, checkpoint_every=10_000, remat="none", progress_bar=True,
                         async_checkpoints=False)
     config.demo = ml_collections.ConfigDict(dict(
         mod_steps=200, mod_learning_rate=5e-4, routing_ratio=0.5, keep_dense=2, arank_batches=4,
         inference="capacity",  # top-k at inference too (the official threshold rule: "threshold")
-        eval_examples=512, eval_batch_size=64, max_new_tokens=2))
+        eval_examples=512, eval_batch_size=64, max_new_tokens=2,
+        eval_buckets=(48,)))  # prompt lengths of the single-question test prompts
     if "image" in opts:
         m.input_image_size = int(opts["image"])
     config.train.num_steps = int(opts.get("steps", config.train.num_steps))

@@ -169,7 +169,6 @@ def main(argv=None):
     config.seed = args.seed
     config.model.llm = dict(config.model.llm, vocab_size=-(-len(tokenizer) // 8) * 8)
     config.data.tokenizer_path = tokenizer_dir
-    config.data.buckets = (48,)
     if args.quick:
         config.train.num_steps = 4
         config.train.log_every = 1
@@ -185,7 +184,9 @@ def main(argv=None):
           f"layers x {model_cfg.llm.hidden_size}")
 
     # Read and preprocessed once: both evaluations, the timing batch and the routing maps use them.
-    test_examples = list(make_eval_examples(dict(config.data.to_dict(), split="test"), tokenizer=tokenizer,
+    eval_buckets = tuple(demo.eval_buckets)
+    test_examples = list(make_eval_examples(dict(config.data.to_dict(), split="test", easy_vqa_turns=1,
+                                                 buckets=eval_buckets), tokenizer=tokenizer,
                                             image_size=model_cfg.input_image_size, limit=demo.eval_examples))
 
     stage(f"1/5 dense training from scratch: {config.train.num_steps} steps of {config.data.batch_size}")
@@ -196,7 +197,7 @@ def main(argv=None):
 
     stage(f"2/5 dense evaluation on {demo.eval_examples} test questions")
     dense_eval = evaluate_vqa(dense, test_examples, tokenizer, batch_size=demo.eval_batch_size,
-                              buckets=config.data.buckets, max_new_tokens=demo.max_new_tokens)
+                              buckets=eval_buckets, max_new_tokens=demo.max_new_tokens)
     print(f"dense accuracy {dense_eval['accuracy']:.3f}")
 
     stage("3/5 ARank per layer on training samples")
@@ -234,11 +235,11 @@ def main(argv=None):
 
     stage("5/5 γ-MoD evaluation, prefill timing, FLOPs")
     gamma_eval = evaluate_vqa(gamma, test_examples, tokenizer, batch_size=demo.eval_batch_size,
-                              buckets=config.data.buckets, max_new_tokens=demo.max_new_tokens)
+                              buckets=eval_buckets, max_new_tokens=demo.max_new_tokens)
     timing_batch = collate_prompts(test_examples[: demo.eval_batch_size], batch_size=demo.eval_batch_size,
-                                   buckets=config.data.buckets)
+                                   buckets=eval_buckets)
     dense_s, gamma_s = time_prefill(dense, timing_batch), time_prefill(gamma, timing_batch)
-    seq_len = config.data.buckets[-1] - 1 + model_cfg.num_image_tokens
+    seq_len = eval_buckets[-1] - 1 + model_cfg.num_image_tokens
     skip = gamma_eval.get("skip_ratio", 0.0)
     tflops_dense = paper_tflops(model_cfg.llm, seq_len, (), 0.0)
     tflops_gamma = paper_tflops(model_cfg.llm, seq_len, mod_layers, skip)

@@ -3,6 +3,10 @@ questions over 4000 / 1000 images, 13 one-word answers) as LLaVA-format records.
 
     easy_vqa_records(split)    [{"id", "image": PNG path inside the package,
                                  "conversations": [human "<image>\\n{question}", gpt "{answer}"]}]
+    easy_vqa_records(split, questions_per_conversation=n)
+                               an image's questions as multi-turn conversations of up to n
+                               question/answer turns (how LLaVA's instruction data is laid out:
+                               the image and the system prompt are encoded once for n answers)
     easy_vqa_vocabulary()      every word of the questions, answers and the prompt template
                                (for `tokenizer.build_word_tokenizer`)
     EASY_VQA_ANSWERS           the 13 answers, in the package's order
@@ -42,25 +46,59 @@ def _split_data(split: str):
     return tuple(questions), tuple(answers), tuple(int(i) for i in image_ids), dict(paths)
 
 
-def easy_vqa_conversation(question: str, answer: str) -> List[Dict[str, str]]:
-    """The LLaVA-format turns of one easy-VQA question."""
-    return [{"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": answer}]
+def easy_vqa_conversation(question: str, answer: str, *more: Tuple[str, str]) -> List[Dict[str, str]]:
+    """The LLaVA-format turns of one easy-VQA question (and of further (question, answer)
+    pairs about the same image as later turns)."""
+    turns = [{"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": answer}]
+    for q, a in more:
+        turns += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+    return turns
 
 
 def easy_vqa_record_id(split: str, index: int) -> str:
     return f"easy_vqa/{split}/{index}"
 
 
-def easy_vqa_records(split: str = "train", limit: Optional[int] = None) -> List[Dict]:
-    """LLaVA-format records of an easy-VQA split in the package's question order
-    (the first `limit` when given); record i has id "easy_vqa/<split>/<i>"."""
-    questions, answers, image_ids, paths = _split_data(split)
-    n = len(questions) if limit is None else min(int(limit), len(questions))
+QUESTION_KINDS = ("all", "open")
+
+
+def easy_vqa_records(split: str = "train", limit: Optional[int] = None,
+                     questions_per_conversation: int = 1, questions: str = "all") -> List[Dict]:
+    """LLaVA-format records of an easy-VQA split (the first `limit` records when given).
+
+    questions: "all", or "open" for only the open-ended ones ("what color is the shape?",
+    "what shape is in the image?": a colour or a shape name as the answer, ~26% of them),
+    the easy-VQA counterpart of LLaVA's caption-style alignment data: the answer names what
+    the image shows, without the yes/no questions' text prior to fall back on.
+
+    questions_per_conversation=1: one record per question in the package's order, record i
+    with id "easy_vqa/<split>/<i>". n > 1: each image's questions (package order) in
+    consecutive runs of up to n turns, images in order of their first question; the id names
+    the questions, "easy_vqa/<split>/<i>+<j>+...". Every selected question is used exactly once."""
+    n_turns = int(questions_per_conversation)
+    if n_turns < 1:
+        raise ValueError(f"easy-VQA questions_per_conversation must be >= 1, got {questions_per_conversation}")
+    if questions not in QUESTION_KINDS:
+        raise ValueError(f"easy-VQA questions must be one of {QUESTION_KINDS}, got {questions!r}")
+    texts, answers, image_ids, paths = _split_data(split)
+    used = [i for i in range(len(texts)) if questions == "all" or answers[i] not in ("yes", "no")]
+    if n_turns == 1:
+        groups = [[i] for i in used]
+    else:
+        by_image: Dict[int, List[int]] = {}
+        for i in used:
+            by_image.setdefault(image_ids[i], []).append(i)
+        groups = [indices[k:k + n_turns] for indices in by_image.values()
+                  for k in range(0, len(indices), n_turns)]
+    if limit is not None:
+        groups = groups[:int(limit)]
     records = []
-    for i in range(n):
-        records.append({"id": easy_vqa_record_id(split, i),
-                        "image": paths.get(image_ids[i], f"<easy-vqa {split} image {image_ids[i]} missing>"),
-                        "conversations": easy_vqa_conversation(questions[i], answers[i])})
+    for group in groups:
+        first = group[0]
+        records.append({"id": easy_vqa_record_id(split, first) + "".join(f"+{i}" for i in group[1:]),
+                        "image": paths.get(image_ids[first], f"<easy-vqa {split} image {image_ids[first]} missing>"),
+                        "conversations": easy_vqa_conversation(texts[first], answers[first],
+                                                               *((texts[i], answers[i]) for i in group[1:]))})
     return records
 
 
@@ -96,3 +134,40 @@ def easy_vqa_vocabulary() -> List[str]:
     for text in (VICUNA_V1_SYSTEM, *ROLES, ":"):
         words.update(_words(text))
     return sorted(words)
+
+
+EASY_VQA_COLORS: Tuple[str, ...] = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
+EASY_VQA_SHAPES: Tuple[str, ...] = ("circle", "rectangle", "triangle")
+
+
+def easy_vqa_image_labels(split: str = "train") -> Dict[int, Tuple[Optional[str], Optional[str]]]:
+    """{image id: (colour, shape)} read off the split's questions and answers (easy-VQA has
+    no label file): an open question's answer names the attribute, "what is the blue
+    shape?" names the colour too, and a yes/no question states that the named colour or
+    shape is or is not there ("not" / "is no" negate). An attribute no question settles,
+    directly or by excluding all but one value, is None."""
+    texts, answers, image_ids, _ = _split_data(split)
+    facts: Dict[int, Dict[str, set]] = {}
+    for q, a, image_id in zip(texts, answers, image_ids):
+        f = facts.setdefault(image_id, {"color": set(), "shape": set(), "not_color": set(), "not_shape": set()})
+        words = set(_words(q))
+        colors = [c for c in EASY_VQA_COLORS if c in words]
+        shapes = [s for s in EASY_VQA_SHAPES if s in words]
+        if a in ("yes", "no"):
+            holds = (a == "yes") != ("not" in words or " is no " in f" {q} ")
+            for kind, named in (("color", colors), ("shape", shapes)):
+                f[kind if holds else "not_" + kind].update(named)
+        else:
+            f["color" if a in EASY_VQA_COLORS else "shape"].add(a)
+            f["color"].update(colors)  # "what is the blue shape?"
+    labels = {}
+    for image_id, f in facts.items():
+        out = []
+        for kind, values in (("color", EASY_VQA_COLORS), ("shape", EASY_VQA_SHAPES)):
+            known = f[kind] or (set(values) - f["not_" + kind] if len(set(values) - f["not_" + kind]) == 1 else set())
+            if len(known) > 1:
+                raise ValueError(f"easy-VQA {split} image {image_id}: its questions disagree about its {kind} "
+                                 f"({sorted(known)})")
+            out.append(next(iter(known)) if known else None)
+        labels[image_id] = tuple(out)
+    return labels

@@ -74,6 +74,8 @@ def data_config_defaults() -> ml_collections.ConfigDict:
     c.tfds_name = p(str)               # tfds: "llava_conversations" | "easy_vqa" (tfds_builders.py)
     c.tfds_data_dir = p(str)           # tfds (and easy_vqa when set): where the prepared data lies
     c.split = "train"                  # tfds / easy_vqa split
+    c.easy_vqa_turns = 1               # easy_vqa: questions per conversation (an image's questions as turns)
+    c.easy_vqa_questions = "all"       # easy_vqa: "all" | "open" (colour/shape answers only: alignment data)
     c.max_records = p(int)             # use only the first N records of the source
     c.tokenizer_path = p(str)          # used when no tokenizer object is passed
     c.template = "vicuna_v1"
@@ -150,10 +152,18 @@ def make_source(data_cfg, *, split: Optional[str] = None):
         if not cfg.tfds_name:
             raise ValueError("data.source 'tfds' needs data.tfds_name")
         return src_lib.TfdsSource(cfg.tfds_name, split=split, data_dir=cfg.tfds_data_dir)
+    turns = int(cfg.easy_vqa_turns)
     if cfg.tfds_data_dir:
+        if turns != 1 or cfg.easy_vqa_questions != "all":
+            raise ValueError(f"data.easy_vqa_turns={turns}, data.easy_vqa_questions={cfg.easy_vqa_questions!r}: the "
+                             f"prepared TFDS easy_vqa dataset holds every question, one per record; grouping and "
+                             f"selecting read the easy-vqa package (unset data.tfds_data_dir)")
         return src_lib.TfdsSource("easy_vqa", split=split, data_dir=cfg.tfds_data_dir)
     from gamma_mod_jax.data.easy_vqa import easy_vqa_records
-    return src_lib.RecordListSource(easy_vqa_records(split), name=f"easy_vqa/{split}")
+    name = (f"easy_vqa/{split}" + (f", {cfg.easy_vqa_questions} questions" if cfg.easy_vqa_questions != "all" else "")
+            + (f", {turns} per conversation" if turns != 1 else ""))
+    records = easy_vqa_records(split, questions_per_conversation=turns, questions=cfg.easy_vqa_questions)
+    return src_lib.RecordListSource(records, name=name)
 
 
 # ----------------------------------------------------------------------------- map step

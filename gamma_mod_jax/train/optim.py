@@ -45,24 +45,46 @@ def learning_rate_schedule(*, learning_rate: float, num_steps: int, warmup_ratio
                                               decay_steps=max(num_steps, 1), end_value=learning_rate * end_ratio)
 
 
+def lr_multiplier_tree(params_state, multipliers: Sequence[Tuple[str, float]]):
+    """Per-parameter learning-rate multipliers from `(regex, multiplier)` pairs matched like
+    the freeze rules (first match decides); parameters no rule matches get 1.0."""
+    compiled = [(re.compile(pattern), float(m)) for pattern, m in multipliers]
+
+    def decide(path, _):
+        name = path_string(path)
+        return next((m for pattern, m in compiled if pattern.fullmatch(name)), 1.0)
+
+    return jax.tree_util.tree_map_with_path(decide, params_state)
+
+
 def make_optimizer(optim_cfg, params_state, num_steps: int):
     """optax transformation for `params_state` (an nnx.State of the parameters).
 
     optim_cfg fields: learning_rate, warmup_ratio, weight_decay, b1, b2, eps, grad_clip_norm
-    (0 = off), accumulation_steps, freeze (list of (regex, trainable))."""
+    (0 = off), accumulation_steps, freeze (list of (regex, trainable)), and optionally
+    lr_multipliers (list of (regex, multiplier): a parameter group's learning rate is
+    `multiplier * learning_rate`, like LLaVA's mm_projector_lr / mm_vision_tower_lr)."""
     schedule = learning_rate_schedule(learning_rate=optim_cfg.learning_rate, num_steps=num_steps,
                                       warmup_ratio=optim_cfg.warmup_ratio)
+    mask = trainable_mask(params_state, optim_cfg.freeze)
+    multipliers = lr_multiplier_tree(params_state, optim_cfg.get("lr_multipliers", ()) or ())
+    labels = jax.tree.map(lambda t, m: f"lr*{m:g}" if t else "freeze", mask, multipliers)
     # No weight decay on vectors (norm scales, biases), as the HF Trainer does for LLaVA.
-    decay_mask = jax.tree.map(lambda x: x.ndim >= 2, params_state)
+    decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
+
+    def adamw(m):
+        lr = schedule if m == 1.0 else (lambda step: m * schedule(step))
+        return optax.adamw(lr, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
+                           weight_decay=optim_cfg.weight_decay, mask=decay_mask)
+
+    groups = {label: adamw(float(label[3:])) for label in sorted(set(jax.tree.leaves(labels))) if label != "freeze"}
+    groups["freeze"] = optax.set_to_zero()
     chain = []
     if optim_cfg.grad_clip_norm and optim_cfg.grad_clip_norm > 0:
-        chain.append(optax.clip_by_global_norm(optim_cfg.grad_clip_norm))
-    chain.append(optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
-                             weight_decay=optim_cfg.weight_decay, mask=decay_mask))
+        # The norm of the trained parameters' gradients only.
+        chain.append(optax.masked(optax.clip_by_global_norm(optim_cfg.grad_clip_norm), mask))
+    chain.append(optax.multi_transform(groups, labels))
     tx = optax.chain(*chain)
-    mask = trainable_mask(params_state, optim_cfg.freeze)
-    labels = jax.tree.map(lambda t: "train" if t else "freeze", mask)
-    tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
     if optim_cfg.accumulation_steps > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=optim_cfg.accumulation_steps)
     return tx, schedule, mask

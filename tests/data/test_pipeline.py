@@ -458,3 +458,41 @@ def test_two_worker_processes_resume_and_cover_the_epoch(corpus):
         assert P.pipeline_stats(it)["counts"] == {reason: 1 for reason in BAD.values()}
     finally:
         it.close()
+
+
+@pytest.mark.parametrize("turns", [1, 4])
+def test_easy_vqa_multi_turn_records_use_every_question_once_with_its_own_image(easy_vqa_tokenizer, turns):
+    import easy_vqa
+
+    from gamma_mod_jax.data.easy_vqa import easy_vqa_records
+
+    questions, answers, image_ids = easy_vqa.get_test_questions()
+    paths = easy_vqa.get_test_image_paths()
+    records = easy_vqa_records("test", questions_per_conversation=turns)
+    seen = []
+    for r in records:
+        indices = [int(i) for i in r["id"].rsplit("/", 1)[1].split("+")]
+        turns_ = r["conversations"]
+        assert 1 <= len(indices) <= turns and len(turns_) == 2 * len(indices)
+        assert all(paths[image_ids[i]] == r["image"] for i in indices)  # one image per conversation
+        assert turns_[0]["value"] == "<image>\n" + questions[indices[0]]
+        for k, i in enumerate(indices):
+            assert turns_[2 * k]["value"].replace("<image>\n", "") == questions[i]
+            assert turns_[2 * k + 1] == {"from": "gpt", "value": answers[i]}
+        seen += indices
+    assert sorted(seen) == list(range(len(questions)))
+    if turns > 1:
+        assert len(records) < len(questions) / 2
+        # Through the pipeline: every answer of a conversation is supervised.
+        cfg = P.data_config_defaults()
+        cfg.update(source="easy_vqa", split="test", easy_vqa_turns=turns, buckets=(128,), batch_size=4)
+        batch = next(P.make_train_iterator(cfg, tokenizer=easy_vqa_tokenizer, image_size=IMAGE_SIZE, seed=0))
+        from gamma_mod_jax.data.easy_vqa import EASY_VQA_ANSWERS
+
+        for row in range(4):
+            words = easy_vqa_tokenizer.convert_ids_to_tokens([int(t) for t in batch["labels"][row] if t >= 0])
+            asked = easy_vqa_tokenizer.convert_ids_to_tokens([int(t) for t in batch["input_ids"][row] if t >= 0])
+            assert words[1::2] == ["</s>"] * asked.count("ASSISTANT")
+            assert set(words[0::2]) <= set(EASY_VQA_ANSWERS) and len(words) == 2 * asked.count("ASSISTANT")
+    with pytest.raises(ValueError, match="questions_per_conversation"):
+        easy_vqa_records("test", questions_per_conversation=0)
