@@ -1,7 +1,9 @@
 """The `make demo` run: γ-MoD adaptation of a small LLaVA-HR trained from scratch on easy-VQA.
 
-`get_config()` is the dense training config; launch/demo.py derives the γ-MoD fine-tuning
-from it (MoD layers from ARank). The model is LLaVA-HR-shaped (CLIP fast branch, ConvNeXt
+`get_config()` is the dense training config; launch/demo.py first pre-trains the vision
+towers on easy-VQA's colours and shapes (`demo.vision_steps`, standing in for the pre-trained
+CLIP and ConvNeXt LLaVA-HR starts from), and derives the γ-MoD fine-tuning from it (MoD
+layers from ARank). The model is LLaVA-HR-shaped (CLIP fast branch, ConvNeXt
 slow branch, MR-Adapters, projector, LLaMA decoder) at a width a 2-core CPU trains in
 minutes; the vocabulary size is set by the demo from its word tokenizer.
 """
@@ -12,9 +14,10 @@ from configs import train as train_configs
 
 
 def get_config(arg=None):
-    """arg: optional `image=<input size>,steps=<dense steps>,mod_steps=<γ-MoD steps>,lr=<dense lr>`."""
+    """arg: optional `image=<input size>,steps=<dense steps>,mod_steps=<γ-MoD steps>,lr=<dense lr>,
+    vision_steps=<vision pre-training steps, 0 = none>`."""
     opts = dict(part.split("=", 1) for part in (arg or "").split(",") if part)
-    unknown = set(opts) - {"image", "steps", "mod_steps", "lr"}
+    unknown = set(opts) - {"image", "steps", "mod_steps", "lr", "vision_steps"}
     if unknown:
         raise ValueError(f"unknown demo config arguments {sorted(unknown)}")
     config = train_configs.get_config("llava_hr_7b_stage1,tiny")
@@ -32,10 +35,12 @@ def get_config(arg=None):
     config.optim.weight_decay = 0.0
     config.data = train_configs.data_config(source="easy_vqa", split="train", buckets=(48,), batch_size=16,
                                             num_epochs=None)
-    config.train.update(num_steps=800, log_every=10, checkpoint_every=10_000, remat="none", progress_bar=True,
+    config.train.update(num_steps=1600, log_every=10, checkpoint_every=10_000, remat="none", progress_bar=True,
                         async_checkpoints=False)
     config.demo = ml_collections.ConfigDict(dict(
-        mod_steps=200, mod_learning_rate=5e-4, routing_ratio=0.5, keep_dense=2, arank_batches=4,
+        # Vision towers pre-trained on easy-VQA's colours and shapes first (0 = from scratch).
+        vision_steps=300, vision_batch_size=64, vision_learning_rate=2e-3,
+        mod_steps=400, mod_learning_rate=5e-4, routing_ratio=0.5, keep_dense=2, arank_batches=4,
         inference="capacity",  # top-k at inference too (the official threshold rule: "threshold")
         eval_examples=512, eval_batch_size=64, max_new_tokens=2,
         eval_buckets=(48,)))  # prompt lengths of the single-question test prompts
@@ -43,5 +48,6 @@ def get_config(arg=None):
         m.input_image_size = int(opts["image"])
     config.train.num_steps = int(opts.get("steps", config.train.num_steps))
     config.demo.mod_steps = int(opts.get("mod_steps", config.demo.mod_steps))
+    config.demo.vision_steps = int(opts.get("vision_steps", config.demo.vision_steps))
     config.optim.learning_rate = float(opts.get("lr", config.optim.learning_rate))
     return config

@@ -131,6 +131,35 @@ def _plot_routing(out: str, maps, images, layers, questions) -> str:
     return path
 
 
+def _pretrain_vision(config, model_cfg, demo, out: str, *, quick: bool) -> dict:
+    """The towers learn easy-VQA's colours and shapes (labels read off the questions) before
+    the LLM sees them, as LLaVA-HR starts from pre-trained CLIP and ConvNeXt; saved as the
+    dense run's initial checkpoint."""
+    from gamma_mod_jax import api as gm
+    from gamma_mod_jax.convert.checkpoint import save_checkpoint
+    from gamma_mod_jax.data.easy_vqa import EASY_VQA_COLORS, EASY_VQA_SHAPES, easy_vqa_image_labels, easy_vqa_image_paths
+    from gamma_mod_jax.data.image import load_image, preprocess_image
+    from gamma_mod_jax.train.vision_pretrain import pretrain_vision
+
+    def arrays(split, limit=None):
+        labels, paths = easy_vqa_image_labels(split), easy_vqa_image_paths(split)
+        ids = sorted(labels)[:limit]
+        images = np.stack([preprocess_image(load_image(paths[i]), model_cfg.input_image_size) for i in ids])
+        index = lambda values, v: values.index(v) if v is not None else -1
+        y = np.asarray([[index(EASY_VQA_COLORS, labels[i][0]), index(EASY_VQA_SHAPES, labels[i][1])] for i in ids])
+        return images.astype(np.float32), y
+
+    images, labels = arrays("train", 256 if quick else None)
+    eval_images, eval_labels = arrays("test", 128 if quick else 512)
+    model = gm.build_model(config.model, seed=config.seed)
+    report = pretrain_vision(model, images, labels, (len(EASY_VQA_COLORS), len(EASY_VQA_SHAPES)),
+                             steps=2 if quick else demo.vision_steps, batch_size=demo.vision_batch_size,
+                             learning_rate=demo.vision_learning_rate, seed=config.seed,
+                             eval_images=eval_images, eval_labels=eval_labels)
+    save_checkpoint(os.path.join(out, "vision_pretrained"), model)
+    return report
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--out", default="out/demo")
@@ -185,11 +214,21 @@ def main(argv=None):
 
     # Read and preprocessed once: both evaluations, the timing batch and the routing maps use them.
     eval_buckets = tuple(demo.eval_buckets)
-    test_examples = list(make_eval_examples(dict(config.data.to_dict(), split="test", easy_vqa_turns=1,
-                                                 buckets=eval_buckets), tokenizer=tokenizer,
-                                            image_size=model_cfg.input_image_size, limit=demo.eval_examples))
+    # The test questions as drawn, one per prompt, whatever the training data selects.
+    test_cfg = dict(config.data.to_dict(), split="test", easy_vqa_turns=1, easy_vqa_questions="all",
+                    buckets=eval_buckets)
+    test_examples = list(make_eval_examples(test_cfg, tokenizer=tokenizer, image_size=model_cfg.input_image_size,
+                                            limit=demo.eval_examples))
 
-    stage(f"1/5 dense training from scratch: {config.train.num_steps} steps of {config.data.batch_size}")
+    vision_report = None
+    if demo.vision_steps > 0:
+        stage(f"0/5 vision pre-training (colour and shape classification): {demo.vision_steps} steps")
+        vision_report = _pretrain_vision(config, model_cfg, demo, out, quick=args.quick)
+        config.init_checkpoint = os.path.join(out, "vision_pretrained")
+        print(f"vision pre-training: test accuracy colour {vision_report['accuracy'][0]:.3f}, "
+              f"shape {vision_report['accuracy'][1]:.3f} ({vision_report['seconds']:.0f} s)")
+
+    stage(f"1/5 dense training: {config.train.num_steps} steps of {config.data.batch_size}")
     dense_run = train(config, os.path.join(out, "dense"))
     dense = nnx.merge(dense_run["graphdef"], dense_run["state"].params, dense_run["rest"])
     dense_dir = os.path.join(out, "dense_model")
@@ -257,6 +296,9 @@ def main(argv=None):
                       "steps": gamma_run["step"], "final_lm_loss": last["lm_loss"],
                       "image_patches_kept_per_layer": maps.mean(axis=(0, 2, 3)).round(4).tolist()},
         "arank": [s["mean"] for s in stats],
+        "vision_pretraining": vision_report and {"steps": demo.vision_steps, "test_accuracy_colour":
+                                                 vision_report["accuracy"][0],
+                                                 "test_accuracy_shape": vision_report["accuracy"][1]},
         "prefill_ms_dense": dense_s * 1e3, "prefill_ms_gamma_mod": gamma_s * 1e3,
         "prefill_speedup": dense_s / gamma_s,
         "tflops_dense": tflops_dense, "tflops_gamma_mod": tflops_gamma,

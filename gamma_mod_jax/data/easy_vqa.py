@@ -7,6 +7,8 @@ questions over 4000 / 1000 images, 13 one-word answers) as LLaVA-format records.
                                an image's questions as multi-turn conversations of up to n
                                question/answer turns (how LLaVA's instruction data is laid out:
                                the image and the system prompt are encoded once for n answers)
+    easy_vqa_image_labels(split)
+                               {image id: (colour, shape)} read off the questions
     easy_vqa_vocabulary()      every word of the questions, answers and the prompt template
                                (for `tokenizer.build_word_tokenizer`)
     EASY_VQA_ANSWERS           the 13 answers, in the package's order
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import functools
 import re
+
+import numpy as np
 from typing import Dict, List, Optional, Tuple
 
 EASY_VQA_ANSWERS: Tuple[str, ...] = ("circle", "green", "red", "gray", "yes", "teal", "black", "rectangle",
@@ -59,7 +63,7 @@ def easy_vqa_record_id(split: str, index: int) -> str:
     return f"easy_vqa/{split}/{index}"
 
 
-QUESTION_KINDS = ("all", "open")
+QUESTION_KINDS = ("all", "open", "balanced")
 
 
 def easy_vqa_records(split: str = "train", limit: Optional[int] = None,
@@ -69,7 +73,11 @@ def easy_vqa_records(split: str = "train", limit: Optional[int] = None,
     questions: "all", or "open" for only the open-ended ones ("what color is the shape?",
     "what shape is in the image?": a colour or a shape name as the answer, ~26% of them),
     the easy-VQA counterpart of LLaVA's caption-style alignment data: the answer names what
-    the image shows, without the yes/no questions' text prior to fall back on.
+    the image shows, without the yes/no questions' text prior to fall back on. "balanced": every
+    open question, and yes/no questions with as many false statements as true ones per kind
+    (colour, shape): as drawn, "is there a <colour> shape?" is "no" 7 times in 8, so answering
+    from the text alone scores ~82% on yes/no, and the image never needs looking at (a fixed,
+    evenly spread subset of the false ones is kept).
 
     questions_per_conversation=1: one record per question in the package's order, record i
     with id "easy_vqa/<split>/<i>". n > 1: each image's questions (package order) in
@@ -82,6 +90,13 @@ def easy_vqa_records(split: str = "train", limit: Optional[int] = None,
         raise ValueError(f"easy-VQA questions must be one of {QUESTION_KINDS}, got {questions!r}")
     texts, answers, image_ids, paths = _split_data(split)
     used = [i for i in range(len(texts)) if questions == "all" or answers[i] not in ("yes", "no")]
+    if questions == "balanced":
+        statements = {i: _statement(texts[i], answers[i]) for i in range(len(texts)) if answers[i] in ("yes", "no")}
+        for kind in ("color", "shape"):
+            true = [i for i, (k, holds) in statements.items() if k == kind and holds]
+            false = [i for i, (k, holds) in statements.items() if k == kind and not holds]
+            used += true + [false[j] for j in np.linspace(0, len(false) - 1, min(len(true), len(false))).astype(int)]
+        used = sorted(set(used))
     if n_turns == 1:
         groups = [[i] for i in used]
     else:
@@ -106,6 +121,11 @@ def easy_vqa_image_path(split: str, index: int) -> str:
     """The PNG file of question `index` of `split` (KeyError if the package lacks it)."""
     _, _, image_ids, paths = _split_data(split)
     return paths[image_ids[index]]
+
+
+def easy_vqa_image_paths(split: str) -> Dict[int, str]:
+    """{image id: PNG path} of a split."""
+    return dict(_split_data(split)[3])
 
 
 def easy_vqa_split_size(split: str) -> int:
@@ -138,6 +158,13 @@ def easy_vqa_vocabulary() -> List[str]:
 
 EASY_VQA_COLORS: Tuple[str, ...] = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
 EASY_VQA_SHAPES: Tuple[str, ...] = ("circle", "rectangle", "triangle")
+
+
+def _statement(question: str, answer: str) -> Tuple[str, bool]:
+    """A yes/no question's (kind: "color" | "shape", whether the named value is in the image)."""
+    words = set(_words(question))
+    kind = "color" if any(c in words for c in EASY_VQA_COLORS) else "shape"
+    return kind, (answer == "yes") != ("not" in words or " is no " in f" {question} ")
 
 
 def easy_vqa_image_labels(split: str = "train") -> Dict[int, Tuple[Optional[str], Optional[str]]]:
