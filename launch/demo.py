@@ -283,7 +283,11 @@ def main(argv=None):
     tflops_dense = paper_tflops(model_cfg.llm, seq_len, (), 0.0)
     tflops_gamma = paper_tflops(model_cfg.llm, seq_len, mod_layers, skip)
     last = read_metrics(os.path.join(out, "gamma_mod"))[-1]
-    shown = [e for e in test_examples[:4] if e["has_image"]]
+    shown = []  # the first four distinct test images (consecutive questions share one)
+    for e in test_examples:
+        if e["has_image"] and len(shown) < 4 and not any(np.array_equal(e["pixel_values"], s["pixel_values"])
+                                                         for s in shown):
+            shown.append(e)
     maps, images = routing_maps(gamma, shown)
     report = {
         "dense": {"accuracy": dense_eval["accuracy"], "num_examples": dense_eval["num_examples"],
