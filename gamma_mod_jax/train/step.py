@@ -133,7 +133,7 @@ def train_step(state: TrainState, batch, *, graphdef, rest, tx, axis_name=None) 
     if axis_name is not None:
         grads = jax.lax.pmean(grads, axis_name)
     loss = metrics["loss"]
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)
     updates, new_opt_state = tx.update(grads, state.opt_state, state.params)

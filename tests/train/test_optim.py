@@ -47,7 +47,7 @@ def test_clipping_counts_only_trained_parameters(rng):
     tx, _, _ = make_optimizer(_cfg(grad_clip_norm=clip, b1=0.0, b2=0.0, eps=1e6), params, num_steps=100)
     updates, _ = tx.update(grads, tx.init(params), params)
     trained = {k: grads[k] for k in ("vision", "projector")}
-    scale = min(1.0, clip / float(optax.global_norm(trained)))
+    scale = min(1.0, clip / float(optax.tree.norm(trained)))
     # b1=b2=0, huge eps: the update is -lr * clipped g / eps, linear in the clipped gradient.
     got = np.asarray(updates["vision"]["kernel"][...])
     want = -1e-2 * scale * np.asarray(grads["vision"]["kernel"][...]) / 1e6

@@ -12,14 +12,14 @@ from gamma_mod_jax.train.vision_pretrain import pretrain_vision
 
 
 def _data(rng, n, size):
-    """Class k = the colour channel that is brightest in a random square; kind 2 = the
-    square's side (left or right half); some labels unknown (-1)."""
+    """Kind 1: the colour channel that is bright in a square at a random place; kind 2: whether
+    the square is small or large. Some kind-1 labels unknown (-1)."""
     images = rng.normal(0, 0.3, (n, size, size, 3)).astype(np.float32)
     labels = np.stack([rng.integers(0, 3, n), rng.integers(0, 2, n)], axis=1)
-    for i, (channel, side) in enumerate(labels):
-        x0 = rng.integers(0, size // 2 - size // 4) + side * (size // 2)
-        y0 = rng.integers(0, size - size // 4)
-        images[i, y0:y0 + size // 4, x0:x0 + size // 4, channel] += 2.0
+    for i, (channel, large) in enumerate(labels):
+        side = size // 3 if large else size // 6
+        y0, x0 = rng.integers(0, size - side, 2)
+        images[i, y0:y0 + side, x0:x0 + side, channel] += 2.0
     labels[rng.random(n) < 0.1, 0] = -1
     return images, labels
 
@@ -37,7 +37,7 @@ def test_learns_the_labels_and_changes_only_the_vision_tower(rng):
     report = pretrain_vision(model, images, labels, (3, 2), steps=120, batch_size=32, learning_rate=3e-3,
                              seed=int(rng.integers(1 << 30)), eval_images=eval_images, eval_labels=eval_labels,
                              log=lambda *_: None)
-    assert report["accuracy"][0] > 0.9 and report["accuracy"][1] > 0.8, report
+    assert report["accuracy"][0] > 0.9 and report["accuracy"][1] > 0.9, report
     after = nnx.state(model, nnx.Param)
     changed = jax.tree_util.tree_map_with_path(lambda p, a, b: (jax.tree_util.keystr(p), not np.array_equal(a, b)),
                                                before, jax.tree.map(np.array, after))
