@@ -3,10 +3,11 @@ questions over 4000 / 1000 images, 13 one-word answers) as LLaVA-format records.
 
     easy_vqa_records(split)    [{"id", "image": PNG path inside the package,
                                  "conversations": [human "<image>\\n{question}", gpt "{answer}"]}]
-    easy_vqa_records(split, questions_per_conversation=n)
+    easy_vqa_records(split, questions_per_conversation=n, questions="all"|"open"|"balanced")
                                an image's questions as multi-turn conversations of up to n
                                question/answer turns (how LLaVA's instruction data is laid out:
-                               the image and the system prompt are encoded once for n answers)
+                               the image and the system prompt are encoded once for n answers);
+                               a selection of the questions
     easy_vqa_image_labels(split)
                                {image id: (colour, shape)} read off the questions
     easy_vqa_vocabulary()      every word of the questions, answers and the prompt template
@@ -18,9 +19,9 @@ from __future__ import annotations
 
 import functools
 import re
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
-from typing import Dict, List, Optional, Tuple
 
 EASY_VQA_ANSWERS: Tuple[str, ...] = ("circle", "green", "red", "gray", "yes", "teal", "black", "rectangle",
                                      "yellow", "triangle", "brown", "blue", "no")
@@ -181,7 +182,7 @@ def easy_vqa_image_labels(split: str = "train") -> Dict[int, Tuple[Optional[str]
         colors = [c for c in EASY_VQA_COLORS if c in words]
         shapes = [s for s in EASY_VQA_SHAPES if s in words]
         if a in ("yes", "no"):
-            holds = (a == "yes") != ("not" in words or " is no " in f" {q} ")
+            _, holds = _statement(q, a)
             for kind, named in (("color", colors), ("shape", shapes)):
                 f[kind if holds else "not_" + kind].update(named)
         else:
@@ -191,7 +192,8 @@ def easy_vqa_image_labels(split: str = "train") -> Dict[int, Tuple[Optional[str]
     for image_id, f in facts.items():
         out = []
         for kind, values in (("color", EASY_VQA_COLORS), ("shape", EASY_VQA_SHAPES)):
-            known = f[kind] or (set(values) - f["not_" + kind] if len(set(values) - f["not_" + kind]) == 1 else set())
+            remaining = set(values) - f["not_" + kind]
+            known = f[kind] or (remaining if len(remaining) == 1 else set())
             if len(known) > 1:
                 raise ValueError(f"easy-VQA {split} image {image_id}: its questions disagree about its {kind} "
                                  f"({sorted(known)})")

@@ -75,7 +75,7 @@ def data_config_defaults() -> ml_collections.ConfigDict:
     c.tfds_data_dir = p(str)           # tfds (and easy_vqa when set): where the prepared data lies
     c.split = "train"                  # tfds / easy_vqa split
     c.easy_vqa_turns = 1               # easy_vqa: questions per conversation (an image's questions as turns)
-    c.easy_vqa_questions = "all"       # easy_vqa: "all" | "open" (colour/shape answers only: alignment data)
+    c.easy_vqa_questions = "all"       # easy_vqa: "all" | "open" (colour/shape answers) | "balanced" (easy_vqa.py)
     c.max_records = p(int)             # use only the first N records of the source
     c.tokenizer_path = p(str)          # used when no tokenizer object is passed
     c.template = "vicuna_v1"

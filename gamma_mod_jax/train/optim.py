@@ -10,29 +10,36 @@ not silently freeze or train the whole model).
 from __future__ import annotations
 
 import re
-from typing import Iterable, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import jax
 import optax
 from flax import nnx
 
+from gamma_mod_jax.parallel.sharding import path_string
 
-def path_string(path) -> str:
-    return "/".join(str(getattr(p, "key", p)) for p in path)
+
+def _apply_rules(params_state, rules, convert, on_no_match):
+    """A pytree like `params_state` of `convert(value)` of the first `(regex, value)` rule
+    whose regex matches the parameter's path in full; `on_no_match(name)` otherwise."""
+    compiled = [(re.compile(pattern), convert(value)) for pattern, value in rules]
+
+    def decide(path, _):
+        name = path_string(path)
+        for pattern, value in compiled:
+            if pattern.fullmatch(name):
+                return value
+        return on_no_match(name)
+
+    return jax.tree_util.tree_map_with_path(decide, params_state)
 
 
 def trainable_mask(params_state, rules: Sequence[Tuple[str, bool]]):
     """A pytree of bools like `params_state`: True where the parameter is trained."""
-    compiled = [(re.compile(pattern), bool(trainable)) for pattern, trainable in rules]
-
-    def decide(path, _):
-        name = path_string(path)
-        for pattern, trainable in compiled:
-            if pattern.fullmatch(name):
-                return trainable
+    def no_rule(name):
         raise ValueError(f"no freeze rule matches parameter {name!r}; add a catch-all rule like ('.*', False)")
 
-    return jax.tree_util.tree_map_with_path(decide, params_state)
+    return _apply_rules(params_state, rules, bool, no_rule)
 
 
 def learning_rate_schedule(*, learning_rate: float, num_steps: int, warmup_ratio: float = 0.0,
@@ -48,13 +55,7 @@ def learning_rate_schedule(*, learning_rate: float, num_steps: int, warmup_ratio
 def lr_multiplier_tree(params_state, multipliers: Sequence[Tuple[str, float]]):
     """Per-parameter learning-rate multipliers from `(regex, multiplier)` pairs matched like
     the freeze rules (first match decides); parameters no rule matches get 1.0."""
-    compiled = [(re.compile(pattern), float(m)) for pattern, m in multipliers]
-
-    def decide(path, _):
-        name = path_string(path)
-        return next((m for pattern, m in compiled if pattern.fullmatch(name)), 1.0)
-
-    return jax.tree_util.tree_map_with_path(decide, params_state)
+    return _apply_rules(params_state, multipliers, float, lambda name: 1.0)
 
 
 def make_optimizer(optim_cfg, params_state, num_steps: int):
@@ -68,7 +69,9 @@ def make_optimizer(optim_cfg, params_state, num_steps: int):
                                       warmup_ratio=optim_cfg.warmup_ratio)
     mask = trainable_mask(params_state, optim_cfg.freeze)
     multipliers = lr_multiplier_tree(params_state, optim_cfg.get("lr_multipliers", ()) or ())
-    labels = jax.tree.map(lambda t, m: f"lr*{m:g}" if t else "freeze", mask, multipliers)
+    # One AdamW per distinct multiplier of a trained parameter (repr keeps the label exact).
+    group = lambda m: f"lr*{m!r}"
+    labels = jax.tree.map(lambda t, m: group(m) if t else "freeze", mask, multipliers)
     # No weight decay on vectors (norm scales, biases), as the HF Trainer does for LLaVA.
     decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
 
@@ -77,7 +80,8 @@ def make_optimizer(optim_cfg, params_state, num_steps: int):
         return optax.adamw(lr, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
                            weight_decay=optim_cfg.weight_decay, mask=decay_mask)
 
-    groups = {label: adamw(float(label[3:])) for label in sorted(set(jax.tree.leaves(labels))) if label != "freeze"}
+    trained = {m for t, m in zip(jax.tree.leaves(mask), jax.tree.leaves(multipliers)) if t}
+    groups = {group(m): adamw(m) for m in trained}
     groups["freeze"] = optax.set_to_zero()
     chain = []
     if optim_cfg.grad_clip_norm and optim_cfg.grad_clip_norm > 0:

@@ -18,16 +18,13 @@ import numpy as np
 import optax
 from flax import nnx
 
+from gamma_mod_jax.train.optim import learning_rate_schedule
+from gamma_mod_jax.train.step import IGNORE_INDEX, masked_mean_nll
+
 
 class _Heads(nnx.Module):
     def __init__(self, dim: int, num_classes: Sequence[int], rngs: nnx.Rngs):
         self.heads = nnx.List([nnx.Linear(dim, n, rngs=rngs) for n in num_classes])
-
-
-def _masked_ce(logits, labels):
-    known = labels >= 0
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels, 0))
-    return jnp.sum(losses * known) / jnp.maximum(jnp.sum(known), 1)
 
 
 def pretrain_vision(model, images: np.ndarray, labels: np.ndarray, num_classes: Sequence[int], *, steps: int,
@@ -40,10 +37,11 @@ def pretrain_vision(model, images: np.ndarray, labels: np.ndarray, num_classes: 
     labels = np.asarray(labels, np.int32)
     if labels.ndim != 2 or labels.shape != (len(images), len(num_classes)):
         raise ValueError(f"labels must be [{len(images)}, {len(num_classes)}], got {labels.shape}")
+    targets = np.where(labels < 0, IGNORE_INDEX, labels)  # unknown: left out of the loss
     started = time.perf_counter()
     dim = model.config.mm_hidden_size
     pair = nnx.List([model.vision, _Heads(dim, num_classes, nnx.Rngs(seed))])
-    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, min(warmup_steps, steps - 1), steps)
+    schedule = learning_rate_schedule(learning_rate=learning_rate, num_steps=steps, warmup_steps=warmup_steps)
     optimizer = nnx.Optimizer(pair, optax.adamw(schedule, weight_decay=0.0), wrt=nnx.Param)
 
     def logits(pair, x):
@@ -53,7 +51,7 @@ def pretrain_vision(model, images: np.ndarray, labels: np.ndarray, num_classes: 
     @nnx.jit
     def step(pair, optimizer, x, y):
         def loss_fn(pair):
-            return sum(_masked_ce(out, y[:, k]) for k, out in enumerate(logits(pair, x)))
+            return sum(masked_mean_nll(out, y[:, k])[0] for k, out in enumerate(logits(pair, x)))
 
         loss, grads = nnx.value_and_grad(loss_fn)(pair)
         optimizer.update(pair, grads)
@@ -73,7 +71,7 @@ def pretrain_vision(model, images: np.ndarray, labels: np.ndarray, num_classes: 
     loss = float("nan")
     for i in range(steps):
         idx = rng.integers(0, len(images), batch_size)
-        loss = float(step(pair, optimizer, jnp.asarray(images[idx]), jnp.asarray(labels[idx])))
+        loss = float(step(pair, optimizer, jnp.asarray(images[idx]), jnp.asarray(targets[idx])))
         if not np.isfinite(loss):
             raise FloatingPointError(f"vision pre-training: non-finite loss at step {i}")
         if (i + 1) % max(steps // 4, 1) == 0:
