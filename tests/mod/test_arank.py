@@ -52,26 +52,48 @@ def test_attention_maps_equal_transformers_eager(rng):
             np.testing.assert_allclose(got[b, :, :n, :n], want[b, :, :n, :n], atol=1e-5, err_msg=f"layer {layer}")
 
 
-def official_arank_torch(attn_bhss: torch.Tensor) -> float:
+def official_arank_torch(attn_hss: torch.Tensor):
     """The official code's computation on one example's [h, s, s] map: tril mask, zero
-    diagonal, float32 torch.linalg.matrix_rank with default tolerance, mean over heads."""
-    a = attn_bhss * torch.tril(torch.ones_like(attn_bhss))
+    diagonal, float32 torch.linalg.matrix_rank with default tolerance, per head (the official
+    code then averages over heads). Also returns, per head, whether a singular value (float64)
+    lies within a factor `BAND` of the tolerance, where float32 rounding may decide either way."""
+    a = attn_hss * torch.tril(torch.ones_like(attn_hss))
     a = a.clone()
     a.diagonal(dim1=-2, dim2=-1).zero_()
-    ranks = [torch.linalg.matrix_rank(a[h].float()).item() for h in range(a.shape[0])]
-    return float(np.mean(ranks))
+    a = a.float()
+    ranks = np.array([torch.linalg.matrix_rank(a[h]).item() for h in range(a.shape[0])])
+    sigma = torch.linalg.svdvals(a.double()).numpy()
+    tol = sigma[:, :1] * a.shape[-1] * np.finfo(np.float32).eps
+    near = np.any((sigma > tol / BAND) & (sigma < tol * BAND), axis=-1)
+    return ranks, near
+
+
+BAND = 1.25  # float32 SVDs of the same matrix differ by ~eps * sigma_max = tol / n
 
 
 def test_per_layer_arank_equals_official_pytorch_computation(rng):
+    """Our ranks (padded batch, per-example tolerance) equal the official PyTorch computation
+    on the same attention maps cut to each example, exactly, for every head with no singular
+    value within a factor BAND of the tolerance. That the maps themselves equal transformers'
+    is the test above; on transformers' own maps (float32 noise of ~0.7 tol in the smallest
+    singular values, measured) the per-layer ARank agrees within one head's flip."""
     hf, ours = build_pair(rng)
     ids, mask = right_padded(rng, [24, 17], 24, TINY["vocab_size"])
-    probe = jax.jit(lambda i, m: ours(i, attention_mask=m, attention_probe=attention_map_ranks)[2]["attention_probe"])
-    ranks = [np.asarray(r) for r in probe(jnp.asarray(ids), jnp.asarray(mask))]  # per layer [b, heads]
+    probe = jax.jit(lambda i, m: ours(i, attention_mask=m, attention_probe=lambda p, v: (p, attention_map_ranks(p, v)))[2]["attention_probe"])
+    maps, ranks = zip(*[(np.asarray(p), np.asarray(r)) for p, r in probe(jnp.asarray(ids), jnp.asarray(mask))])
+    clear = 0
     for b, n in enumerate(mask.sum(1)):
         with torch.no_grad():  # each example alone, unpadded, as the official code runs
             att = hf(torch.tensor(ids[b:b + 1, :n], dtype=torch.long), output_attentions=True).attentions
         for layer in range(len(ranks)):
-            assert ranks[layer][b].mean() == official_arank_torch(att[layer][0]), (layer, b)
+            got = ranks[layer][b]
+            official, near = official_arank_torch(torch.tensor(maps[layer][b, :, :n, :n]))
+            np.testing.assert_array_equal(got[~near], official[~near], err_msg=f"layer {layer}, example {b}")
+            assert np.all(np.abs(got - official) <= 1), (layer, b, got, official)
+            clear += (~near).sum()
+            official_on_hf, _ = official_arank_torch(att[layer][0])
+            assert abs(got.mean() - official_on_hf.mean()) <= 1 / len(got) + 1e-9, (layer, b, got, official_on_hf)
+    assert clear >= 0.75 * len(ranks) * ranks[0].size, clear  # the exact comparison covers most heads
 
 
 # --- statistics, selection, official log import, adaptation ------------------------
