@@ -123,13 +123,24 @@ def _global_skip_metrics(selected_nbs, token_types_bs, axis_name) -> Dict[str, j
     return out
 
 
-def train_step(state: TrainState, batch, *, graphdef, rest, tx, axis_name=None) -> tuple:
+def _frozen_as_constants(params, trainable):
+    """Frozen parameters behind stop_gradient: their gradients are exact zeros, so XLA
+    drops the weight-gradient products (stage 1 trains the projector alone)."""
+    if trainable is None:
+        return params
+    return jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
+
+
+def train_step(state: TrainState, batch, *, graphdef, rest, tx, axis_name=None, trainable=None) -> tuple:
     """One micro-batch: gradients, a non-finite guard, the optimizer update. Returns
     (new state, metrics). A non-finite loss or gradient norm leaves parameters and
     optimizer state unchanged and is counted. `axis_name`: under jax.pmap, the mapped
-    axis; gradients are averaged over it (see loss_and_metrics)."""
-    (_, metrics), grads = jax.value_and_grad(loss_and_metrics, has_aux=True)(state.params, graphdef, rest, batch,
-                                                                            axis_name)
+    axis; gradients are averaged over it (see loss_and_metrics). `trainable`: optional
+    pytree of Python bools like params (the freeze rules' mask); frozen parameters get
+    no gradient computation (their optimizer updates are zero either way)."""
+    objective = lambda params: loss_and_metrics(_frozen_as_constants(params, trainable), graphdef, rest, batch,
+                                                axis_name)
+    (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
     if axis_name is not None:
         grads = jax.lax.pmean(grads, axis_name)
     loss = metrics["loss"]

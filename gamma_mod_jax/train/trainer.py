@@ -182,7 +182,7 @@ class _PjitRunner:
     """The step as one jax.jit over the mesh: state sharded by logical axis rules and
     donated, batches as global arrays sharded over the batch axes."""
 
-    def __init__(self, config, graphdef, rest, tx, params, log, devices=None):
+    def __init__(self, config, graphdef, rest, tx, params, log, devices=None, trainable=None):
         self.mesh = make_mesh(config.get("mesh") or DEFAULT_MESH, devices)
         rules = sharding_rules(config)
         self.replicated = replicated(self.mesh)
@@ -190,7 +190,7 @@ class _PjitRunner:
         self.place_batch = BatchPlacer(self.mesh, rules, log=log)
         self.state = jax.jit(lambda p: init_train_state(p, tx), out_shardings=self.shardings)(
             place(params, self.shardings.params))
-        self._step = functools.partial(train_step, graphdef=graphdef, rest=rest, tx=tx)
+        self._step = functools.partial(train_step, graphdef=graphdef, rest=rest, tx=tx, trainable=trainable)
         self._compiled = {}
         per_device = sum(_shard_bytes(x) for x in jax.tree.leaves(self.state))
         total = sum(x.nbytes for x in jax.tree.leaves(self.state))
@@ -224,14 +224,15 @@ class _PmapRunner:
     """Plain data parallelism: jax.pmap over the local devices of every process,
     replicated state, gradients averaged with pmean (see train.step)."""
 
-    def __init__(self, config, graphdef, rest, tx, params, log, devices=None):
+    def __init__(self, config, graphdef, rest, tx, params, log, devices=None, trainable=None):
         if devices is not None and len(devices) != jax.device_count():
             raise ValueError("pmap runs on every local device of every process")
         self.mesh = make_mesh(DEFAULT_MESH)  # checkpoints: global arrays replicated on every device
         self.state = data_parallel.replicate(init_train_state(params, tx))
         self.abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=replicated(self.mesh)), self.state)
-        step = functools.partial(train_step, graphdef=graphdef, rest=rest, tx=tx, axis_name=data_parallel.AXIS)
+        step = functools.partial(train_step, graphdef=graphdef, rest=rest, tx=tx, axis_name=data_parallel.AXIS,
+                                 trainable=trainable)
         self._step = jax.pmap(step, axis_name=data_parallel.AXIS, donate_argnums=0)
         if config.get("mesh") and dict(config.mesh) != DEFAULT_MESH:
             log(f"parallelism: pmap ignores config.mesh {dict(config.mesh)}")
@@ -260,14 +261,16 @@ def _shard_bytes(x) -> int:
     return int(np.prod(shape)) * x.dtype.itemsize
 
 
-def make_step_runner(config, graphdef, rest, tx, params, log=print, *, devices=None):
+def make_step_runner(config, graphdef, rest, tx, params, log=print, *, devices=None, trainable=None):
     """The step runner `config.parallelism` asks for: `.state` (the initial train state,
     placed), `.step(state, host_batch) -> (state, metrics)`, checkpoint conversions.
-    `devices`: the mesh's devices (default: all)."""
+    `devices`: the mesh's devices (default: all). `trainable`: the freeze rules' mask
+    (frozen parameters get no gradients computed)."""
     kind = config.get("parallelism") or "pjit"
     if kind not in PARALLELISMS:
         raise ValueError(f"config.parallelism must be one of {PARALLELISMS}, got {kind!r}")
-    return (_PjitRunner if kind == "pjit" else _PmapRunner)(config, graphdef, rest, tx, params, log, devices)
+    return (_PjitRunner if kind == "pjit" else _PmapRunner)(config, graphdef, rest, tx, params, log, devices,
+                                                            trainable)
 
 
 def _all_processes(*flags: bool) -> tuple:
@@ -310,7 +313,7 @@ def train(config, workdir: str, *, make_data_iterator: Optional[Callable] = None
     tx, schedule, mask = make_optimizer(optim_cfg, params, num_updates)
     trained, total = count_trainable(params, mask)
     info(f"parameters: {trained:,} trained of {total:,}")
-    runner = make_step_runner(config, graphdef, rest, tx, params, info)
+    runner = make_step_runner(config, graphdef, rest, tx, params, info, trainable=mask)
     state = runner.state
     runner.state = None
     model_cfg = model.config

@@ -81,6 +81,44 @@ def test_stage1_freeze_rules_train_only_projector_and_fusion(tmp_path):
     assert {k for k in before if k.startswith("projector/")} <= changed
 
 
+def test_frozen_parameters_get_no_gradient_computation():
+    """Stage 1 with the freeze mask: the same update as differentiating everything (frozen
+    updates are zero either way) for fewer compiled FLOPs (no weight gradients of the LLM
+    and towers)."""
+    import functools
+
+    import jax.numpy as jnp
+
+    from gamma_mod_jax.train.optim import make_optimizer
+    from gamma_mod_jax.train.step import init_train_state, train_step
+
+    import optax
+
+    config = tiny_config("llava_hr_7b_stage1,tiny", num_steps=2)
+    model = model_for_training(config, log=lambda *_: None)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    _, _, mask = make_optimizer(config.optim, params, 2)
+    # Plain SGD on the trained leaves: the update is the gradient itself (Adam would blow
+    # float rounding of near-zero gradients up to full steps of either sign).
+    tx = optax.multi_transform({True: optax.sgd(1.0), False: optax.set_to_zero()}, mask)
+    batch = next(synthetic_iterator(2)(config, model.config))
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    results = {}
+    for name, trainable in (("all", None), ("masked", mask)):
+        step = jax.jit(functools.partial(train_step, graphdef=graphdef, rest=rest, tx=tx, trainable=trainable))
+        state = init_train_state(params, tx)
+        compiled = step.lower(state, batch).compile()
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        new_state, metrics = compiled(state, batch)
+        results[name] = (float(cost["flops"]), new_state.params, float(metrics["loss"]))
+    (flops_all, p_all, loss_all), (flops_masked, p_masked, loss_masked) = results["all"], results["masked"]
+    assert loss_all == loss_masked
+    for a, b in zip(jax.tree.leaves(p_all), jax.tree.leaves(p_masked)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
+    assert flops_masked < 0.85 * flops_all, (flops_masked, flops_all)
+
+
 def test_gradient_accumulation_equals_the_large_batch(tmp_path):
     """Two micro-batches of 2 with equal supervised-token counts = one batch of 4."""
     def fixed(batch_size):
