@@ -65,8 +65,11 @@ def run_benchmarks(args) -> int:
     if unknown or not names:
         raise ValueError(f"unknown benchmark {', '.join(unknown) or args.benchmark!r}; expected names from "
                          f"{', '.join(readers.BENCHMARK_NAMES)} or 'all'")
+    if (args.questions or args.images) and len(names) != 1:
+        raise ValueError("--questions / --images name one benchmark's files: give one --benchmark with them")
     buckets = tuple(sorted(int(b) for b in (args.buckets or "128,256,512,1024").split(",") if b))
-    benches = [readers.read_benchmark(n, args.data, questions=args.questions, images=args.images) for n in names]
+    benches = [readers.read_benchmark(n, args.data, questions=args.questions, images=args.images,
+                                      mmbench_rounds=args.mmbench_rounds) for n in names]
     tokenizer = load_tokenizer(args.tokenizer)
     rows, doc = [], {"data": args.data, "limit": args.limit, "models": []}
     for checkpoint, out in [(args.checkpoint, args.out)] + ([(args.compare, os.path.join(args.out, "compare"))]
@@ -106,6 +109,9 @@ def main(argv=None) -> int:
     parser.add_argument("--compare", default=None, help="--benchmark: a second checkpoint on the same questions")
     parser.add_argument("--questions", default=None, help="--benchmark: another question file than the layout's")
     parser.add_argument("--images", default=None, help="--benchmark: another image folder than the layout's")
+    parser.add_argument("--mmbench-rounds", choices=("all", "first"), default="all",
+                        help="MMBench: every rotation of the options (circular evaluation) or the first "
+                        "only (LLaVA's script default)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=32)

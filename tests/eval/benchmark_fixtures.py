@@ -129,6 +129,9 @@ def make_fixture(root):
     _jsonl(j(root, "vqav2/llava_vqav2_mscoco_test-dev2015.jsonl"),
            [{"question_id": 5001, "image": "COCO_test2015_1.png", "text": f"What is it?\n{SA}"},
             {"question_id": 5002, "image": "COCO_test2015_2.png", "text": f"How many?\n{SA}"}])
+    # The whole test2015 list (the upload covers it; 5003 is not in test-dev).
+    _jsonl(j(root, "vqav2/llava_vqav2_mscoco_test2015.jsonl"), [{"question_id": i, "image": "x.png", "text": "?"}
+                                                               for i in (5001, 5002, 5003)])
     _png(j(root, "vqav2/test2015/COCO_test2015_1.png"), 60)
     _png(j(root, "vqav2/test2015/COCO_test2015_2.png"), 61)
     vz = "When the provided information is insufficient, respond with 'Unanswerable'."

@@ -62,9 +62,9 @@ def test_every_benchmark_answered_in_llava_format(run):
     assert set(gqa) == {"201", "202"}  # 203's image is missing; the id-less line is skipped
     assert gqa["202"]["prompt"] == f"Is it big?\n{SA}"  # the suffix added where the file lacks it
     sqa = {r["question_id"]: r["prompt"] for r in _lines(root / "out" / "sqa" / "answers.jsonl")}
-    assert sqa == {"s1": "Context: A box.\nWhich is red?\nA. box\nB. ball\n"
+    assert sqa == {"s1": "<image>\nContext: A box.\nWhich is red?\nA. box\nB. ball\n"
                          "Answer with the option's letter from the given choices directly.",
-                   "s3": "Which shape?\nA. circle\nB. square\nC. line\n"
+                   "s3": "<image>\nWhich shape?\nA. circle\nB. square\nC. line\n"
                          "Answer with the option's letter from the given choices directly."}
     mmb = _lines(root / "out" / "mmbench" / "answers.jsonl")
     assert [(r["question_id"], r["round_id"]) for r in mmb] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]
@@ -81,7 +81,8 @@ def test_submission_files(run):
     preds = json.loads((out / "gqa" / "testdev_balanced_predictions.json").read_text())
     assert [p["questionId"] for p in preds] == ["201", "202"]
     assert preds[0]["prediction"] == text["201"].rstrip(".").lower()
-    assert [a["question_id"] for a in json.loads((out / "vqav2" / "answers_upload.json").read_text())] == [5001, 5002]
+    upload = json.loads((out / "vqav2" / "answers_upload.json").read_text())
+    assert [a["question_id"] for a in upload] == [5001, 5002, 5003] and upload[2]["answer"] == ""
     assert [a["image"] for a in json.loads((out / "vizwiz" / "answers_upload.json").read_text())] == [
         "VizWiz_test_00000000.png"]
     assert list(json.loads((out / "mmvet" / "results.json").read_text())) == ["v1_0"]
@@ -186,3 +187,13 @@ def test_bad_input_is_an_error_and_keeps_answers(run, capsys):
     err = capsys.readouterr().err
     assert "llava_gqa_testdev_balanced.jsonl: question file not found" in err
     assert (root / "out" / "gqa" / "answers.jsonl").read_text() == before
+
+
+def test_mmbench_first_round_only_and_file_overrides(tmp_path, capsys):
+    data = str(tmp_path / "eval")
+    make_fixture(data)
+    first = readers.read_benchmark("mmbench", data, mmbench_rounds="first").questions
+    assert [(q.key, q.gt) for q in first] == [("0#0", "B"), ("1#0", "A")]
+    assert evaluate.main(["--benchmark", "gqa,pope", "--questions", "x.jsonl", "--data", data, "--checkpoint", "c",
+                          "--tokenizer", "t", "--out", str(tmp_path / "o")]) == 2
+    assert "give one --benchmark" in capsys.readouterr().err

@@ -24,7 +24,8 @@ _NAMESPACE = uuid.UUID("5c3f2b8e-6a51-4a0e-9a43-0d1b7a6e2f10")
 
 def answer_record(question: Question, text: str, model_id: str, metadata: dict) -> dict:
     """One answers.jsonl line for `question` answered with `text`."""
-    record = {"question_id": question.question_id, "prompt": question.prompt, "text": text,
+    record = {"question_id": question.question_id, "prompt": question.extra.get("answer_prompt", question.prompt),
+              "text": text,
               "answer_id": uuid.uuid5(_NAMESPACE, f"{model_id}/{question.key}").hex, "model_id": model_id,
               "metadata": {"key": question.key, **metadata}}
     if question.round_id is not None:
@@ -86,10 +87,15 @@ def write_submission(bench: Benchmark, answers: Dict[str, str], out_dir: str, da
         return [_dump(os.path.join(out_dir, "testdev_balanced_predictions.json"),
                       [{"questionId": q.question_id, "prediction": answers[q.key].rstrip(".").lower()}
                        for q in qs if q.key in answers])]
-    if name == "vqav2":  # EvalAI: every test question, unanswered ones as ""
+    if name == "vqav2":  # EvalAI wants every test2015 question (LLaVA's full list when present), unanswered: ""
+        by_id = {q.question_id: normalise_vqa_answer(answers[q.key]) for q in qs if q.key in answers}
+        ids = [q.question_id for q in qs]
+        full = os.path.join(data_root, "vqav2", "llava_vqav2_mscoco_test2015.jsonl")
+        if data_root and os.path.exists(full):
+            with open(full, encoding="utf-8") as f:
+                ids = [json.loads(line)["question_id"] for line in f if line.strip()]
         return [_dump(os.path.join(out_dir, "answers_upload.json"),
-                      [{"question_id": q.question_id, "answer": normalise_vqa_answer(answers.get(q.key, ""))}
-                       for q in qs])]
+                      [{"question_id": i, "answer": by_id.get(i, "")} for i in ids])]
     if name == "vizwiz":
         return [_dump(os.path.join(out_dir, "answers_upload.json"),
                       [{"image": q.extra.get("image_name"), "answer": normalise_vqa_answer(answers.get(q.key, ""))}

@@ -184,8 +184,11 @@ def read_sqa(root, questions=None, images=None):
         if problems is not None and str(r["id"]) in problems:
             p = problems[str(r["id"])]
             gt = {"answer": int(p["answer"]), "num_choices": len(p["choices"])}
-        qs.append(Question(key=str(r["id"]), question_id=r["id"], prompt=with_suffix(text, MULTIPLE_CHOICE),
-                           image=os.path.join(image_dir, r["image"]), gt=gt))
+        prompt = with_suffix(text, MULTIPLE_CHOICE)
+        # LLaVA's ScienceQA scorer tells image questions by "<image>" in the answer file's prompt.
+        qs.append(Question(key=str(r["id"]), question_id=r["id"], prompt=prompt,
+                           image=os.path.join(image_dir, r["image"]), gt=gt,
+                           extra={"answer_prompt": "<image>\n" + prompt}))
     scored = problems is not None
     return Benchmark("sqa", qs, skipped, scored, "" if scored else f"{problems_file} absent: files only", qfile)
 
@@ -271,7 +274,11 @@ def _is_none(value) -> bool:
     return value is None or str(value).strip().lower() in ("", "nan", "none")
 
 
-def read_mmbench(root, questions=None, images=None, split="mmbench_dev_20230712"):
+def read_mmbench(root, questions=None, images=None, split="mmbench_dev_20230712", rounds="all"):
+    """rounds: "all" (default) asks each question once per rotation of its options, for
+    MMBench's circular evaluation; "first" asks it once, as LLaVA's script does by default."""
+    if rounds not in ("all", "first"):
+        raise ValueError(f"mmbench rounds must be 'all' or 'first', got {rounds!r}")
     d = os.path.join(root, "mmbench")
     skipped: Dict[str, List[str]] = {}
     qfile = questions or os.path.join(d, f"{split}.tsv")
@@ -291,7 +298,7 @@ def read_mmbench(root, questions=None, images=None, split="mmbench_dev_20230712"
         answer = None if _is_none(row.get("answer")) else str(row["answer"]).strip()
         index = int(row["index"]) if str(row["index"]).isdigit() else row["index"]
         # Circular evaluation: the question once per rotation of its options.
-        for r in range(len(options)):
+        for r in range(len(options) if rounds == "all" else min(len(options), 1)):
             rotated = options[r:] + options[:r]
             text = str(row.get("question", "")).strip()
             if not _is_none(row.get("hint")):
@@ -422,11 +429,14 @@ READERS = {"gqa": read_gqa, "sqa": read_sqa, "textvqa": read_textvqa, "pope": re
 BENCHMARK_NAMES = tuple(READERS)
 
 
-def read_benchmark(name: str, root: str, *, questions: Optional[str] = None, images: Optional[str] = None) -> Benchmark:
+def read_benchmark(name: str, root: str, *, questions: Optional[str] = None, images: Optional[str] = None,
+                   mmbench_rounds: str = "all") -> Benchmark:
     """The benchmark `name` under the LLaVA eval folder `root`; ValueError for an unknown
     name, BenchmarkDataError naming the missing or unreadable file."""
     if name not in READERS:
         raise ValueError(f"unknown benchmark {name!r}; expected one of {', '.join(BENCHMARK_NAMES)}")
     if not os.path.isdir(root):
         raise BenchmarkDataError(f"{root}: benchmark data folder not found")
+    if name == "mmbench":
+        return read_mmbench(root, questions, images, rounds=mmbench_rounds)
     return READERS[name](root, questions, images)
