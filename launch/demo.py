@@ -176,6 +176,7 @@ def main(argv=None):
     from gamma_mod_jax.data.easy_vqa import easy_vqa_vocabulary
     from gamma_mod_jax.data.pipeline import collate_prompts, make_eval_examples, make_train_iterator
     from gamma_mod_jax.data.tokenizer import build_word_tokenizer, load_tokenizer
+    from gamma_mod_jax.eval.benchmarks.report import vqa_table
     from gamma_mod_jax.eval.vqa import evaluate_vqa, time_prefill
     from gamma_mod_jax.mod.arank import arank_report
     from gamma_mod_jax.mod.arank_run import compute_arank
@@ -311,6 +312,7 @@ def main(argv=None):
         "examples": gamma_eval["predictions"][:8],
         "arank_tie_break": report_arank.get("tie_break"),
     }
+    report["table"] = vqa_table([("dense", dense_eval, tflops_dense, None), ("γ-MoD", gamma_eval, tflops_gamma, skip)])
     write_json_atomic(os.path.join(out, "report.json"), report)
     plots = [_plot_losses(out, {"dense": os.path.join(out, "dense"), "γ-MoD": os.path.join(out, "gamma_mod")}),
              os.path.join(out, "arank.png")]
@@ -323,6 +325,7 @@ def main(argv=None):
     print(f"\n{'model':<8}{'accuracy':>10}{'skip':>8}{'TFLOPs':>12}{'prefill ms':>12}")
     for name, acc, sk, tf, ms in rows:
         print(f"{name:<8}{acc:>10.3f}{sk:>8}{tf:>12}{ms:>12}")
+    print("\n" + report["table"])
     print(f"prefill speed-up {report['prefill_speedup']:.2f} (FLOPs-ideal {report['flops_ideal_speedup']:.2f}); "
           f"report: {os.path.join(out, 'report.md')}")
     return report
@@ -345,6 +348,8 @@ def _write_markdown(out: str, report: dict, plots) -> None:
         f"- {d['num_examples']} test questions, {report['seconds']:.0f} s in all"
         + (" (--quick: smoke-test lengths, accuracy means nothing)" if report["quick"] else ""), "",
     ]
+    lines += ["In the benchmark table's layout (easy-VQA accuracy in percent, samples/s of generation):", "",
+              report["table"]]
     lines += [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
     lines += ["", "| question | reference | γ-MoD answer |", "|---|---|---|"]
     lines += [f"| {e['question']} | {e['answer']} | {e['prediction']} |" for e in report["examples"]]

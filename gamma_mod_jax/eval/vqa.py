@@ -41,10 +41,12 @@ def evaluate_vqa(model, examples: Iterable[dict], tokenizer, *, batch_size: int 
                  buckets: Optional[Sequence[int]] = None, max_new_tokens: int = 4, log=print) -> Dict[str, object]:
     """Accuracy of `model` on eval examples (gamma_mod_jax.data.pipeline.make_eval_examples):
     {"accuracy", "num_examples", "predictions": [{id, question, answer, prediction, correct}],
-    and for γ-MoD models "skip_ratio" (share of real prompt tokens skipping a MoD layer under
+    "samples_per_s" (generation, batches that did not compile; absent when all did), and for
+    γ-MoD models "skip_ratio" (share of real prompt tokens skipping a MoD layer under
     the model's inference routing, mean over layers and prompts)}. Every batch is padded to
     `batch_size` rows and a bucket length, so generation compiles once per bucket."""
     predictions, skip = [], []
+    timed_seconds, timed_examples, shapes = 0.0, 0, set()
     eos = model.config.llm.eos_token_id
     forward = None
     if model.config.mod is not None:
@@ -58,7 +60,12 @@ def evaluate_vqa(model, examples: Iterable[dict], tokenizer, *, batch_size: int 
             return out.mod_aux["skip_ratio"]  # [MoD layers]
     for chunk, batch in _batches(examples, batch_size, buckets):
         device_batch = {k: jnp.asarray(batch[k]) for k in GENERATION_KEYS}
+        start = time.perf_counter()
         tokens = np.asarray(generate(model, device_batch, max_new_tokens=max_new_tokens, eos_id=eos))
+        if batch["input_ids"].shape in shapes:  # batches that compiled are not timed
+            timed_seconds += time.perf_counter() - start
+            timed_examples += len(chunk)
+        shapes.add(batch["input_ids"].shape)
         if forward is not None:
             # Skip ratio over the real examples only: run the batch without filler rows counted.
             skip.append((float(np.mean(np.asarray(forward(state, device_batch)))), len(chunk)))
@@ -71,6 +78,8 @@ def evaluate_vqa(model, examples: Iterable[dict], tokenizer, *, batch_size: int 
         raise ValueError("no evaluation examples")
     result = {"accuracy": float(np.mean([p["correct"] for p in predictions])), "num_examples": len(predictions),
               "predictions": predictions}
+    if timed_seconds > 0:
+        result["samples_per_s"] = timed_examples / timed_seconds
     if skip:
         result["skip_ratio"] = float(sum(s * n for s, n in skip) / sum(n for _, n in skip))
     return result

@@ -130,3 +130,22 @@ def test_headline_and_files_only():
     s = score_benchmark("mme", [q("a", "Yes", category="existence", extra={"image_name": "e/1"})], {"a": "yes"})
     assert s["headline"] == pytest.approx(200.0)
     assert score_benchmark("mmvet", [], {}) is None and score_benchmark("vizwiz", [], {}) is None
+
+
+def test_paper_layout_table_by_hand():
+    from gamma_mod_jax.eval.benchmarks.report import markdown_table, vqa_table
+
+    table = vqa_table([("dense", {"accuracy": 0.9, "samples_per_s": 4.0}, 0.000256, None),
+                       ("γ-MoD", {"accuracy": 0.95, "samples_per_s": 5.0}, 0.000171, 0.457)])
+    assert table.splitlines() == [
+        "| Model | easy-VQA | Avg | TFLOPs | Skip | Speed |", "|---|---|---|---|---|---|",
+        "| dense | 90.0 |  | 0.000256 | 0.0% | 4.00 |",
+        "| γ-MoD | 95.0 |  | 0.000171 | 45.7% | 5.00 |",
+        "| dense - γ-MoD | -5.0 |  | +8.5e-05 | -45.7% | -1.00 |"]
+    # The four-benchmark average of the paper's efficiency tables, and "files" for server-scored ones.
+    result = lambda h: {"scores": {"headline": h}, "routing": {"tflops_paper": 19.16}, "samples_per_s": None}
+    row = {"gqa": result(64.2), "sqa": result(67.9), "mmmu": result(34.6), "textvqa": result(67.1),
+           "vqav2": {"scores": None, "routing": {}, "samples_per_s": None}}
+    lines = markdown_table([("LLaVA-HR-7B", row)]).splitlines()
+    assert lines[0] == "| Model | TextVQA | VQAv2 | GQA | SQA-I | MMMU | Avg | TFLOPs | Skip | Speed |"
+    assert lines[2] == "| LLaVA-HR-7B | 67.1 | files | 64.2 | 67.9 | 34.6 | 58.5 | 19.16 | 0.0% |  |"

@@ -9,7 +9,8 @@ from gamma_mod_jax.mod.flops import paper_tflops
 
 # The paper's nine-benchmark table, in its column order (SEED added, as LLaVA-1.5 reports it).
 COLUMNS = (("textvqa", "TextVQA"), ("vqav2", "VQAv2"), ("gqa", "GQA"), ("sqa", "SQA-I"), ("pope", "POPE"),
-           ("mme", "MME"), ("mmbench", "MMB"), ("seed", "SEED-I"), ("mmmu", "MMMU"), ("mmvet", "MM-Vet"))
+           ("mme", "MME"), ("mmbench", "MMB"), ("seed", "SEED-I"), ("mmmu", "MMMU"), ("mmvet", "MM-Vet"),
+           ("easy_vqa", "easy-VQA"))
 # The paper's efficiency tables average these four.
 AVERAGED = ("gqa", "sqa", "mmmu", "textvqa")
 
@@ -89,3 +90,19 @@ def markdown_table(rows: List[tuple]) -> str:
         cells += [diff("avg"), diff("tflops", "{:+.4g}"), diff("skip", "{:+.1f}%", 100), diff("speed", "{:+.2f}")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def vqa_result(evaluation: dict, *, tflops: float, skip_ratio: Optional[float] = None, name: str = "easy_vqa") -> dict:
+    """{name: result} for `markdown_table` from a `gamma_mod_jax.eval.vqa.evaluate_vqa` result
+    (exact-match accuracy as the headline, in percent) and its TFLOPs / skip ratio."""
+    routing = {"tflops_paper": tflops}
+    if skip_ratio is not None:
+        routing["skip_ratio"] = skip_ratio
+    return {name: {"scores": {"headline": 100 * evaluation["accuracy"]}, "routing": routing,
+                   "samples_per_s": evaluation.get("samples_per_s")}}
+
+
+def vqa_table(rows: Sequence[tuple], name: str = "easy_vqa") -> str:
+    """`markdown_table` of (model name, evaluate_vqa result, TFLOPs, skip ratio or None) rows."""
+    return markdown_table([(model, vqa_result(evaluation, tflops=tflops, skip_ratio=skip, name=name))
+                           for model, evaluation, tflops, skip in rows])
