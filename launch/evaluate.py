@@ -86,7 +86,7 @@ def run_benchmarks(args) -> int:
                                                 data_root=args.data)
             r = results[bench.name]
             skipped = ", ".join(f"{k} {v}" for k, v in r["skipped"].items()) or "none"
-            print(f"{bench.name}: {r['num_answered']}/{r['num_questions']} answered; skipped: {skipped}; "
+            print(f"{label} {bench.name}: {r['num_answered']}/{r['num_questions']} answered; skipped: {skipped}; "
                   + (f"score {r['scores']['headline']:.2f}" if r["scores"] else r["note"]), file=sys.stderr)
         rows.append((label, results))
         doc["models"].append({"checkpoint": checkpoint, "label": label, "inference": model.inference_routing

@@ -20,6 +20,7 @@ from gamma_mod_jax.eval.benchmarks import readers
 from gamma_mod_jax.eval.benchmarks.runner import encode_question
 from gamma_mod_jax.eval.benchmarks.scoring import score_benchmark
 from gamma_mod_jax.mod.flops import decoder_layer_flops
+from gamma_mod_jax.models import generate as generate_module
 from launch import evaluate
 from tests.eval.benchmark_fixtures import SA, make_fixture
 
@@ -41,7 +42,10 @@ def run(tmp_path_factory):
     save_checkpoint(str(root / "dense"), gm.build_model(gm.model_config("configs/llava15_7b.py:tiny"), seed=2))
     args = ["--benchmark", "all", "--data", data, "--checkpoint", str(root / "gmod"), "--tokenizer", str(root / "tok"),
             "--out", str(root / "out"), "--compare", str(root / "dense"), *COMMON]
+    compiled = generate_module._generate._cache_size()
     assert evaluate.main(args) == 0
+    # Eleven benchmarks, many batches, one bucket: one generation compile per model.
+    assert generate_module._generate._cache_size() - compiled == 2
     scores = json.loads((root / "out" / "scores.json").read_text())
     return root, data, gmod, scores
 
