@@ -27,6 +27,10 @@ SHORT_ANSWER = "Answer the question using a single word or phrase."
 MULTIPLE_CHOICE = "Answer with the option's letter from the given choices directly."
 OPTION_LETTERS = "ABCDEFGHI"
 
+# Answer lengths where the default (16 new tokens, for one word / one letter) is too short:
+# MM-Vet is judged on free-form answers (LLaVA generates up to 1024 tokens).
+MAX_NEW_TOKENS = {"mmvet": 512}
+
 # Skip reasons, named in the output with the ids (or line numbers) they hit.
 NO_ID = "no_question_id"
 BAD_LINE = "bad_json_line"
