@@ -187,10 +187,16 @@ def test_bad_input_is_an_error_and_keeps_answers(run, capsys):
     assert "unknown benchmark 'coco'" in capsys.readouterr().err
     empty = root / "empty"
     empty.mkdir()
-    assert evaluate.main(["--benchmark", "gqa"] + base[:0] + ["--data", str(empty)] + base[2:]) == 2
+    assert evaluate.main(["--benchmark", "gqa", "--data", str(empty)] + base[2:]) == 2
     err = capsys.readouterr().err
     assert "llava_gqa_testdev_balanced.jsonl: question file not found" in err
     assert (root / "out" / "gqa" / "answers.jsonl").read_text() == before
+    # Nothing answered (here: --limit 0) is no score, not a score of 0.
+    zero = ["--benchmark", "gqa", "--limit", "0", "--data", data, "--checkpoint", str(root / "gmod"), "--tokenizer",
+            str(root / "tok"), "--out", str(root / "zero"), *COMMON]
+    assert evaluate.main(zero) == 0
+    gqa = json.loads((root / "zero" / "scores.json").read_text())["models"][0]["benchmarks"]["gqa"]
+    assert gqa["scores"] is None and "nothing scored" in gqa["note"] and gqa["num_answered"] == 0
 
 
 def test_mmbench_first_round_only_and_file_overrides(tmp_path, capsys):

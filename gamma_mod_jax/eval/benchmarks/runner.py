@@ -185,6 +185,8 @@ def run_benchmark(bench: readers.Benchmark, answerer: Answerer, out_dir: str, *,
     files = [answer_file.path] + write_submission(bench, answers, out_dir, data_root)
     scores = score_benchmark(bench.name, questions, answers) if bench.scored_offline else None
     note = bench.note or ("" if scores is not None else "no offline scorer: files only")
+    if scores is not None and scores["num_scored"] == 0:
+        scores, note = None, "no answered question has ground truth: nothing scored"
     return {"scores": scores, "note": note, "num_questions": len(questions), "num_answered": len(answers),
             "skipped": {reason: len(ids) for reason, ids in sorted(all_skips.items())},
             "skipped_ids": {reason: sorted(ids) for reason, ids in sorted(all_skips.items())},
