@@ -92,3 +92,29 @@ def test_full_forward_matches_pytorch_assembly(rng, spec):
     types = np.asarray(out.token_types)
     assert (types[0, :n] == tt.IMAGE).all() and (types[1, 4:4 + n] == tt.IMAGE).all()
     assert not (types[2] == tt.IMAGE).any()
+
+
+@pytest.mark.parametrize("skip,expected", [(0.0, 60.2), (0.362, 39.4), (0.581, 27.8)])
+def test_flops_cli_reproduces_the_paper_at_4000_tokens(skip, expected):
+    """MGM-HD-7B: 2880 image tokens + 1120 text tokens (mean length 4000), layers 3..30 MoD."""
+    from tests.mod.test_flops import run_cli
+
+    result = run_cli("--config", "configs/mgm_hd_7b.py:mod", "--seq-len", "4000", "--skip-ratio", str(skip))
+    assert round(result["tflops_paper"], 1) == expected
+    # Mining over 2880 tokens, each attending to 64 aux pixels of 2880 channels (keys, values).
+    mining = 2880 * (2 * 1024 * 1024 + 64 * (4 * 2880 * 1024 + 4 * 1024)) / 1e12
+    assert result["breakdown"]["vision_mining"] == pytest.approx(mining, rel=1e-6)
+
+
+@pytest.mark.slow  # abstract 7B model: ~60 s of tracing on 2 cores
+def test_inspect_counts_mgm_hd_7b_components():
+    from launch.inspect import count_parameters
+
+    counts = count_parameters("configs/mgm_hd_7b.py:mod")
+    ln = lambda n: 2 * n
+    assert counts["vision/mining"] == ln(1024) + 1024 * 1024 + 1024 + 2 * (ln(2880) + 2880 * 1024 + 1024)
+    assert counts["projector"] == 1024 * 4096 + 4096 + 4096 * 4096 + 4096
+    assert counts["llm"] == 2 * 32000 * 4096 + 32 * (4 * 4096 ** 2 + 3 * 4096 * 11008 + 2 * 4096) + 4096 + 4096 * 2
+    convnext_l = 196_227_264  # timm convnext_large without its head (197.77 M - 1.54 M)
+    assert counts["vision/aux"] == convnext_l
+    assert counts["vision/clip"] == 303_507_456  # CLIP ViT-L/14-336 vision model, post-LN included
