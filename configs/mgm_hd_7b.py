@@ -15,9 +15,6 @@ HD = dict(input_image_size=1536, image_grid=2, image_global=True)
 NO_HD = dict(input_image_size=768, image_grid=1, image_global=False)
 TINY_HD = dict(input_image_size=64, image_grid=2, image_global=True)  # 5 views of 2x2 CLIP patches
 TINY_NO_HD = dict(input_image_size=32, image_grid=1, image_global=False)
-# Mini-Gemini's γ-MoD (mod_mgm_llama.py): its prefix of 2880 routable positions holds the image.
-MGM_MOD = dict(always_keep="all_but_image", system_tokens=0, short_sequence="half", router_init="xavier_uniform",
-               decode_threshold=0.0)
 
 
 def get_config(arg=None):
@@ -29,6 +26,7 @@ def get_config(arg=None):
     tiny = bool(opts.get("tiny"))
     layout = {(False, False): HD, (True, False): NO_HD, (False, True): TINY_HD, (True, True): TINY_NO_HD}[no_hd, tiny]
     config.model.update(layout)
+    config.model.adapter_gate_hidden = 512  # LLaVA-HR only: the MLLMConfig default, as converted checkpoints get
     if config.model.mod is not None:
-        config.model.mod.update(MGM_MOD)
+        config.model.mod.update(presets.MGM_MOD)
     return config
