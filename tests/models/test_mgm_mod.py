@@ -133,3 +133,30 @@ def test_mgm_decode_always_computes_the_layer(rng):
         want, _, _ = naive(model, jnp.asarray(full_ids), jnp.ones_like(jnp.asarray(full_ids)), full_types, choose)
         assert rel_err(np.asarray(step[row, 0]), want[0, -1]) < 1e-5
     assert min(prefill_kept) < 14 and max(prefill_kept) > 0  # the prefill really routed
+
+
+@pytest.mark.slow  # compiles a training step: ~70 s on 2 cores
+def test_tiny_gamma_mod_mgm_recipe_trains_with_the_towers_frozen(tmp_path):
+    """configs/train_mgm.py:mgm_7b_mod0.5,tiny: two steps; only image tokens skip, both towers
+    stay frozen, the LLM, the router and patch info mining train."""
+    import jax
+
+    from gamma_mod_jax.convert.keymap import param_paths
+    from gamma_mod_jax.train.metrics import read_metrics
+    from gamma_mod_jax.train.optim import path_string
+    from gamma_mod_jax.train.trainer import model_for_training, train
+    from tests.train.test_trainer import synthetic_iterator
+
+    config = gm.load_config("configs/train_mgm.py:mgm_7b_mod0.5,tiny")
+    config.train.num_steps = 2
+    assert config.model.mod.always_keep == "all_but_image" and config.optim.learning_rate > 0
+    before = {path_string(p): np.asarray(v.get_value()) for p, v in param_paths(model_for_training(config, log=print))}
+    out = train(config, str(tmp_path), make_data_iterator=synthetic_iterator(2), log=lambda *_: None)
+    after = {path_string(p): np.asarray(v) for p, v in
+             jax.tree_util.tree_flatten_with_path(out["state"].params.to_pure_dict())[0]}
+    changed = {k for k in before if not np.array_equal(before[k], after[k])}
+    assert not any(k.startswith(("vision/clip/", "vision/aux/")) for k in changed)
+    for prefix in ("vision/mining/", "projector/", "llm/layers/", "llm/router/"):
+        assert any(k.startswith(prefix) for k in changed), prefix
+    record = read_metrics(tmp_path)[0]
+    assert record["skip_image"] > 0 and record["skip_question"] == 0 and record["skip_system"] == 0
