@@ -118,10 +118,14 @@ def hf_config_from_mllm(cfg: MLLMConfig) -> dict:
                        "adapter_gate_hidden": cfg.adapter_gate_hidden,
                        "mod": None if cfg.mod is None else dataclasses.asdict(cfg.mod)}
     if cfg.mod is not None:
-        out.update(model_type="mod_llava_llama", architectures=["MoDLLaVALlamaForCausalLM"],
-                   mod=dict(mod_enable=True, mod_mode="arank_mod", mod_layers_idx=list(cfg.mod.layers),
-                            capacity_factor=cfg.mod.routing_ratio, router_aux_loss_coef=cfg.mod.aux_loss_coef))
+        out.update(model_type="mod_llava_llama", architectures=["MoDLLaVALlamaForCausalLM"], mod=official_mod_json(cfg.mod))
     return out
+
+
+def official_mod_json(mod) -> dict:
+    """The `mod` entry of an official γ-MoD config.json (LLaVA-HR and Mini-Gemini alike)."""
+    return dict(mod_enable=True, mod_mode="arank_mod", mod_layers_idx=list(mod.layers),
+                capacity_factor=mod.routing_ratio, router_aux_loss_coef=mod.aux_loss_coef)
 
 
 def mllm_config_to_dict(cfg: MLLMConfig) -> dict:

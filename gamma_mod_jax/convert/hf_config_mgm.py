@@ -15,7 +15,7 @@ import dataclasses
 import re
 from typing import Mapping
 
-from gamma_mod_jax.convert.hf_config import EXTRA_KEY, LLAMA_FIELDS, _count
+from gamma_mod_jax.convert.hf_config import EXTRA_KEY, LLAMA_FIELDS, _count, official_mod_json
 from gamma_mod_jax.convert.hf_files import CheckpointError
 from gamma_mod_jax.convert.keymap_mgm import AUX_PREFIX, CLIP_PREFIX
 from gamma_mod_jax.models import presets
@@ -108,7 +108,5 @@ def mgm_hf_config(cfg: MLLMConfig) -> dict:
     out[EXTRA_KEY] = {"clip": dataclasses.asdict(cfg.clip), "convnext": dataclasses.asdict(cfg.convnext),
                        "mod": None if cfg.mod is None else dataclasses.asdict(cfg.mod)}
     if cfg.mod is not None:
-        out.update(model_type="mod_mgm", architectures=["MoDMGMLlamaForCausalLM"],
-                   mod=dict(mod_enable=True, mod_mode="arank_mod", mod_layers_idx=list(cfg.mod.layers),
-                            capacity_factor=cfg.mod.routing_ratio, router_aux_loss_coef=cfg.mod.aux_loss_coef))
+        out.update(model_type="mod_mgm", architectures=["MoDMGMLlamaForCausalLM"], mod=official_mod_json(cfg.mod))
     return out
