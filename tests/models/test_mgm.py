@@ -118,3 +118,19 @@ def test_inspect_counts_mgm_hd_7b_components():
     convnext_l = 196_227_264  # timm convnext_large without its head (197.77 M - 1.54 M)
     assert counts["vision/aux"] == convnext_l
     assert counts["vision/clip"] == 303_507_456  # CLIP ViT-L/14-336 vision model, post-LN included
+
+
+def test_bf16_compute_close_to_fp32(rng):
+    """:dtype=bf16 (views, feature upsampling and RMSNorm still in float32) stays near fp32."""
+    cfg = gm.model_config(HD)
+    ref = TorchMGM(cfg)
+    randomize_(ref, int(rng.integers(1 << 30)), std=0.05)  # a trained model's scale
+    models = []
+    for spec in (HD, HD + ",dtype=bf16"):
+        models.append(gm.build_model(spec))
+        gm.load_torch_state_dict(models[-1], ref.state_dict_original())
+    ids, mask, pixels = mixed_batch(rng, cfg)
+    forward = jax.jit(lambda m, a, b, c: m(a, b, c).logits)
+    a, b = (np.asarray(forward(m, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pixels))) for m in models)
+    real = int(mask.sum(1).min())  # positions that hold a real token in every row
+    assert rel_err(b[:, :real], a[:, :real]) < 2e-2
