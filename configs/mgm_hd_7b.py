@@ -4,8 +4,10 @@ a global view, OpenCLIP ConvNeXt-L at 1536 px, patch info mining; 2880 image tok
 Variants through the argument, comma-separated: `:tiny` (test-sized twin), `:nohd` (MGM-7B:
 no grid, ConvNeXt at 768 px, 576 image tokens, the input of the official γ-MoD fine-tuning
 script), `:dtype=bf16`, `:param_dtype=bf16`, `:mod[=ratio]` (γ-MoD on layers 3..30 with the
-Mini-Gemini code's routing: the image tokens only are routable, half of them skip, xavier
-router init, short sequences skip half, decode always computes the layer).
+Mini-Gemini code's routing, `presets.MGM_MOD`: the image tokens only are routable, half of
+them skip, xavier router init, short sequences skip half, decode always computes the layer;
+with `nohd`, `presets.MGM_MOD_NO_HD`: the official 2880-position prefix makes every
+sequence short, so ceil(s / 2) tokens are kept, those without a label first).
 """
 
 from configs._model import get_model_config, parse_arg
@@ -28,5 +30,5 @@ def get_config(arg=None):
     config.model.update(layout)
     config.model.adapter_gate_hidden = 512  # LLaVA-HR only: the MLLMConfig default, as converted checkpoints get
     if config.model.mod is not None:
-        config.model.mod.update(presets.MGM_MOD)
+        config.model.mod.update(presets.MGM_MOD_NO_HD if no_hd else presets.MGM_MOD)
     return config

@@ -9,12 +9,14 @@ Recipes (official scripts; ../shared/reference/mini_gemini.md §5):
   mgm_7b_mod0.5      γ-MoD on Mini-Gemini (Gamma-MOD's mod_mgm_finetune.sh): it replaces stage 2
                      (from Vicuna-7B-v1.5 + the stage-1 projector, not from MGM-HD), MGM without
                      a grid (ConvNeXt at 768 px, 576 image tokens), layers 3..30 MoD with the
-                     MGM routing options, routing-loss coefficient 0.01, lr 2e-5, 16 per GPU
+                     MGM code's routing on that layout (presets.MGM_MOD_NO_HD: its 2880-position
+                     prefix makes every sequence short), routing-loss coefficient 0.01, lr 2e-5, 16 per GPU
                      (x 8 GPUs of one node: global batch 128; the script names no host file),
                      1 epoch, warmup 3%, cosine, wd 0, max length 2048, <image> moved to the front
                      (its `modified_mgm_instruction.json`); the towers frozen as in stage 2.
-  mgm_hd_7b_mod0.5   the same γ-MoD recipe on the HD layout (2880 image tokens, max length 4096):
-                     the recipe behind the released HD checkpoints is not published.
+  mgm_hd_7b_mod0.5   the same γ-MoD recipe on the HD layout (2880 image tokens, image-only routing,
+                     presets.MGM_MOD, max length 4096): the recipe behind the released HD
+                     checkpoints is not published.
 The data is MGM-Instruct (`mgm_instruction.json`); MGM_INSTRUCT_RECORDS is the count the step
 number is derived from: set `--config.train.num_steps` from your copy's length.
 """

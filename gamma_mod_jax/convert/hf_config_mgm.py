@@ -84,7 +84,9 @@ def mgm_config_from_hf(config: Mapping, shapes: Mapping[str, tuple], source: str
         layers = mod.get("mod_layers_idx")
         if not layers:
             raise CheckpointError(f"{source}: model_type mod_mgm without mod.mod_layers_idx")
-        ours = dict(extra.get("mod") or {"routing_ratio": 0.5, **presets.MGM_MOD})
+        # The official options of the layout: the HD one fills its 2880-position prefix with the image.
+        official = presets.MGM_MOD if kw["image_grid"] > 1 else presets.MGM_MOD_NO_HD
+        ours = dict(extra.get("mod") or {"routing_ratio": 0.5, **official})
         ours.update(layers=tuple(int(i) for i in layers), aux_loss_coef=float(mod.get("router_aux_loss_coef", 0.01)))
         kw["mod"] = MoDConfig.from_dict(ours)
     try:

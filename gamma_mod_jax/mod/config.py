@@ -16,8 +16,10 @@ ALWAYS_KEEP = {
     "question": (tt.QUESTION,),
     "question_answer": (tt.QUESTION, tt.ANSWER),
     "none": (),
-    # Mini-Gemini's γ-MoD routes its image prefix only (the image tokens; no system prompt).
+    # Mini-Gemini's γ-MoD: past its 2880-position prefix (MGM-HD's image) everything is kept;
+    # in its short-sequence branch the tokens without a label (all but answers) are.
     "all_but_image": (tt.SYSTEM, tt.QUESTION, tt.ANSWER, tt.PADDING),
+    "all_but_answer": (tt.IMAGE, tt.SYSTEM, tt.QUESTION, tt.PADDING),
 }
 
 

@@ -24,3 +24,8 @@ TINY_CONVNEXT = dict(depths=(1, 1, 2, 1), dims=(8, 16, 24, 32), layer_norm_eps=1
 # than the prefix keeps ceil(s / 2), xavier router init, decode always computes the layer.
 MGM_MOD = dict(always_keep="all_but_image", system_tokens=0, short_sequence="half", router_init="xavier_uniform",
                decode_threshold=0.0)
+# The same code on the non-HD layout (576 image tokens, sequences up to 2048): its prefix
+# stays the hard-coded 2880 positions, so every sequence takes the short branch: ceil(s / 2)
+# tokens kept, tokens without a label (all but answers) first (labels reach the layer under
+# gradient checkpointing, as in the official script).
+MGM_MOD_NO_HD = dict(MGM_MOD, always_keep="all_but_answer", num_routable_tokens=2880)

@@ -19,11 +19,12 @@ from tests.conftest import rel_err
 
 CFG = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4)
 MGM = dict(gm.load_config("configs/mgm_hd_7b.py:tiny,mod").model.mod)
+MGM_NO_HD = dict(gm.load_config("configs/mgm_hd_7b.py:tiny,nohd,mod").model.mod)
 IMAGE_TOKENS = 8
 
 
-def build(rng, routable, **overrides):
-    mod = MoDConfig.from_dict({**MGM, "layers": (1, 3), "num_routable_tokens": routable, **overrides})
+def build(rng, routable, options=MGM, **overrides):
+    mod = MoDConfig.from_dict({**options, "layers": (1, 3), "num_routable_tokens": routable, **overrides})
     model = Llama(CFG, mod=mod, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
     model.router.kernel.set_value(jnp.asarray(rng.standard_normal((CFG.hidden_size, 2)) * 0.3, jnp.float32))
     return model
@@ -68,23 +69,29 @@ def naive(model, ids, mask, types, choose):
     return np.stack(out), nll, margin[0]
 
 
-def mgm_top_k(routable):
+def mgm_top_k(routable, forced_unless=tt.IMAGE):
+    """Past the prefix: +1 on every token but the image; short branch: +1 where the label is
+    -100 (every token but the answers), the official `mod_token_prob_mask`."""
     def choose(p, ty, valid, margin):
         s = len(p)
         k = s - int(0.5 * routable) if s > routable else math.ceil(s / 2)
-        priority = p + (ty != tt.IMAGE)  # everything but the image is forced
+        priority = p + (ty != forced_unless)
         order = np.argsort(-priority, kind="stable")
         margin[0] = min(margin[0], priority[order[k - 1]] - priority[order[k]])
         return np.sort(order[:k])
     return choose
 
 
-@pytest.mark.parametrize("routable", [IMAGE_TOKENS, 24])  # 24 > s = 16: the short-sequence rule
-def test_mgm_capacity_routing_matches_naive_reference(rng, routable):
+@pytest.mark.parametrize("layout,routable", [("hd", IMAGE_TOKENS), ("hd", 24), ("no_hd", 2880)])
+def test_mgm_capacity_routing_matches_naive_reference(rng, layout, routable):
+    """HD: image-only routing past the prefix, the short rule when s <= 24; non-HD: the
+    official 2880-position prefix, so the short rule with answers first out."""
+    options, forced_unless = (MGM, tt.IMAGE) if layout == "hd" else (MGM_NO_HD, tt.ANSWER)
+    assert (routable == 2880) == (layout == "no_hd") and MGM_NO_HD["num_routable_tokens"] == 2880
     for _ in range(10):  # redraw until no top-k decision is a float32 near-tie
-        model = build(rng, routable)
+        model = build(rng, routable, options)
         ids, mask, types = make_batch(rng)
-        want, want_loss, margin = naive(model, ids, mask, types, mgm_top_k(routable))
+        want, want_loss, margin = naive(model, ids, mask, types, mgm_top_k(routable, forced_unless))
         if margin > 1e-4:
             break
     logits, _, aux = model(ids, attention_mask=mask, token_types=types)
@@ -92,8 +99,11 @@ def test_mgm_capacity_routing_matches_naive_reference(rng, routable):
     np.testing.assert_allclose(np.asarray(aux["routing_loss"]), want_loss, rtol=1e-5)
     kept = np.asarray(aux["selected"]).sum(-1)
     assert np.all(kept == (16 - IMAGE_TOKENS // 2 if routable == IMAGE_TOKENS else 8))
+    skipped = ~np.asarray(aux["selected"])
     if routable == IMAGE_TOKENS:  # only image tokens skip
-        assert not np.any(~np.asarray(aux["selected"]) & (np.asarray(types) != tt.IMAGE)[None])
+        assert not np.any(skipped & (np.asarray(types) != tt.IMAGE)[None])
+    if layout == "no_hd":  # 8 of 16 skip: the answers (4 and 1 of them), then the lowest p
+        assert np.all(skipped[:, np.asarray(types) == tt.ANSWER])
 
 
 def test_mgm_router_init_is_xavier_uniform(rng):
@@ -137,7 +147,7 @@ def test_mgm_decode_always_computes_the_layer(rng):
 
 @pytest.mark.slow  # compiles a training step: ~70 s on 2 cores
 def test_tiny_gamma_mod_mgm_recipe_trains_with_the_towers_frozen(tmp_path):
-    """configs/train_mgm.py:mgm_7b_mod0.5,tiny: two steps; only image tokens skip, both towers
+    """configs/train_mgm.py:mgm_hd_7b_mod0.5,tiny: two steps; only image tokens skip, both towers
     stay frozen, the LLM, the router and patch info mining train."""
     import jax
 
@@ -147,7 +157,7 @@ def test_tiny_gamma_mod_mgm_recipe_trains_with_the_towers_frozen(tmp_path):
     from gamma_mod_jax.train.trainer import model_for_training, train
     from tests.train.test_trainer import synthetic_iterator
 
-    config = gm.load_config("configs/train_mgm.py:mgm_7b_mod0.5,tiny")
+    config = gm.load_config("configs/train_mgm.py:mgm_hd_7b_mod0.5,tiny")
     config.train.num_steps = 2
     assert config.model.mod.always_keep == "all_but_image" and config.optim.learning_rate > 0
     before = {path_string(p): np.asarray(v.get_value()) for p, v in param_paths(model_for_training(config, log=print))}
