@@ -10,13 +10,12 @@ import torch
 from PIL import Image
 
 from gamma_mod_jax import api as gm
-from gamma_mod_jax import token_types as tt
 from gamma_mod_jax.data.image import pad_color, preprocess_image
 from gamma_mod_jax.models.mgm_vision import mgm_views
 from tests.conftest import rel_err
 from tests.data.test_image import clip_processor, naive_pad
 from tests.mgm_torch_reference import TorchMGM, aux_backbone, torch_views, unified_resampler
-from tests.models.test_mllm import mixed_batch
+from tests.models.test_mllm import check_full_forward, mixed_batch
 from tests.torch_reference import randomize_, to_nchw
 
 HD, NO_HD = "configs/mgm_hd_7b.py:tiny", "configs/mgm_hd_7b.py:tiny,nohd"
@@ -79,19 +78,10 @@ def test_towers_mining_and_projector_match_torch(rng):
 
 @pytest.mark.parametrize("spec", [HD, NO_HD])
 def test_full_forward_matches_pytorch_assembly(rng, spec):
-    cfg, ref, model = pair(rng, spec)
-    ids, mask, pixels = mixed_batch(rng, cfg)
-    with torch.no_grad():
-        want, valid = ref(torch.tensor(ids, dtype=torch.long), torch.tensor(mask), to_nchw(pixels))
-    out = jax.jit(lambda m, a, b, c: m(a, b, c))(model, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pixels))
-    valid = valid.numpy().astype(bool)
-    np.testing.assert_array_equal(np.asarray(out.attention_mask).astype(bool), valid)
-    assert rel_err(np.asarray(out.logits)[valid], want.numpy()[valid]) < 1e-4
-    n = cfg.num_image_tokens
-    assert n == (20 if spec == HD else 4)
-    types = np.asarray(out.token_types)
-    assert (types[0, :n] == tt.IMAGE).all() and (types[1, 4:4 + n] == tt.IMAGE).all()
-    assert not (types[2] == tt.IMAGE).any()
+    """Batch 3: image first, image in the middle, text only; right padding."""
+    cfg = gm.model_config(spec)
+    assert cfg.num_image_tokens == (20 if spec == HD else 4)
+    check_full_forward(rng, *pair(rng, spec))
 
 
 @pytest.mark.parametrize("skip,expected", [(0.0, 60.2), (0.362, 39.4), (0.581, 27.8)])
