@@ -15,6 +15,7 @@ from gamma_mod_jax.convert.keymap import param_paths
 
 # Component = the first path elements that name it (longest match wins).
 COMPONENTS = (("vision", "clip"), ("vision", "convnext"), ("vision", "adapters"), ("vision", "fusion"),
+              ("vision", "aux"), ("vision", "mining"),  # Mini-Gemini: ConvNeXt trunk, patch info mining
               ("projector",), ("llm",))
 
 

@@ -35,8 +35,12 @@ def _count(keys, pattern: str) -> int:
 def mllm_config_from_hf(config: Mapping, shapes: Mapping[str, tuple], source: str = "config.json") -> MLLMConfig:
     """Our config for an original checkpoint: its config.json and {key: shape} of its weights."""
     model_type = config.get("model_type")
+    if model_type in ("mgm", "mod_mgm"):
+        from gamma_mod_jax.convert.hf_config_mgm import mgm_config_from_hf  # it builds on this module
+        return mgm_config_from_hf(config, shapes, source)
     if model_type not in KNOWN_MODEL_TYPES:
-        raise CheckpointError(f"{source}: unknown model_type {model_type!r} (known: {', '.join(KNOWN_MODEL_TYPES)})")
+        raise CheckpointError(f"{source}: unknown model_type {model_type!r} "
+                              f"(known: {', '.join(KNOWN_MODEL_TYPES + ('mgm', 'mod_mgm'))})")
     llm = {k: config[k] for k in LLAMA_FIELDS if config.get(k) is not None}
     hr = bool(config.get("is_multipath_encoder")) or "vision_tower_slow" in config
     keys = list(shapes)
@@ -94,6 +98,9 @@ def mllm_config_from_hf(config: Mapping, shapes: Mapping[str, tuple], source: st
 
 def hf_config_from_mllm(cfg: MLLMConfig) -> dict:
     """config.json for exporting our model to the original PyTorch code."""
+    if cfg.family == "mgm":
+        from gamma_mod_jax.convert.hf_config_mgm import mgm_hf_config
+        return mgm_hf_config(cfg)
     out = {k: getattr(cfg.llm, k) for k in LLAMA_FIELDS}
     out["num_key_value_heads"] = cfg.llm.kv_heads
     out.update(architectures=["LlavaLlamaForCausalLM"], model_type="llava", mm_projector_type=cfg.projector_type,
@@ -111,10 +118,14 @@ def hf_config_from_mllm(cfg: MLLMConfig) -> dict:
                        "adapter_gate_hidden": cfg.adapter_gate_hidden,
                        "mod": None if cfg.mod is None else dataclasses.asdict(cfg.mod)}
     if cfg.mod is not None:
-        out.update(model_type="mod_llava_llama", architectures=["MoDLLaVALlamaForCausalLM"],
-                   mod=dict(mod_enable=True, mod_mode="arank_mod", mod_layers_idx=list(cfg.mod.layers),
-                            capacity_factor=cfg.mod.routing_ratio, router_aux_loss_coef=cfg.mod.aux_loss_coef))
+        out.update(model_type="mod_llava_llama", architectures=["MoDLLaVALlamaForCausalLM"], mod=official_mod_json(cfg.mod))
     return out
+
+
+def official_mod_json(mod) -> dict:
+    """The `mod` entry of an official γ-MoD config.json (LLaVA-HR and Mini-Gemini alike)."""
+    return dict(mod_enable=True, mod_mode="arank_mod", mod_layers_idx=list(mod.layers),
+                capacity_factor=mod.routing_ratio, router_aux_loss_coef=mod.aux_loss_coef)
 
 
 def mllm_config_to_dict(cfg: MLLMConfig) -> dict:

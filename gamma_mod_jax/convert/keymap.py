@@ -190,7 +190,11 @@ LLAMA_KEYMAP = KeyMap(prefixes=(("lm_head.", "lm_head."), ("", "model.")))
 
 def mllm_keymap(family: str, mod_layers: Sequence[int] = ()) -> KeyMap:
     """Key rules of LLaVA-1.5 (`llava`), LLaVA-HR (`llava_hr`) and γ-MoD checkpoints (the
-    shared router is stored as `model.layers.{i}.router.weight` for every MoD layer i)."""
+    shared router is stored as `model.layers.{i}.router.weight` for every MoD layer i);
+    Mini-Gemini (`mgm`) from `keymap_mgm.py`."""
+    if family == "mgm":
+        from gamma_mod_jax.convert.keymap_mgm import mgm_keymap  # it builds on this module
+        return mgm_keymap(mod_layers)
     common = (("llm.lm_head.", "lm_head."), ("llm.", "model."),
               ("projector.fc1.", "model.mm_projector.0."), ("projector.fc2.", "model.mm_projector.2."))
     if family == "llava":

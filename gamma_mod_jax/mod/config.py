@@ -16,6 +16,10 @@ ALWAYS_KEEP = {
     "question": (tt.QUESTION,),
     "question_answer": (tt.QUESTION, tt.ANSWER),
     "none": (),
+    # Mini-Gemini's γ-MoD: past its 2880-position prefix (MGM-HD's image) everything is kept;
+    # in its short-sequence branch the tokens without a label (all but answers) are.
+    "all_but_image": (tt.SYSTEM, tt.QUESTION, tt.ANSWER, tt.PADDING),
+    "all_but_answer": (tt.IMAGE, tt.SYSTEM, tt.QUESTION, tt.PADDING),
 }
 
 
@@ -51,6 +55,9 @@ class MoDConfig:
     inference: str = "threshold"                 # official: thresholds; or 'capacity' (top-k as in training)
     prefill_threshold: float = 0.005             # prefill keeps tokens with p > this
     decode_threshold: float = 0.5                # decode skips the layer when p < this (per example)
+    # Sequences no longer than the routable prefix: LLaVA-HR code 'keep_all' (nothing skips);
+    # Mini-Gemini code 'half' (floor(s / 2) skip, k = ceil(s / 2)).
+    short_sequence: str = "keep_all"
 
     def __post_init__(self):
         checks = (("always_keep", self.always_keep, tuple(ALWAYS_KEEP)),
@@ -58,7 +65,8 @@ class MoDConfig:
                   ("router_scales", self.router_scales, ("mlp", "block")),
                   ("router_weight", self.router_weight, ("probability", "straight_through")),
                   ("router_init", self.router_init, ("torch_default", "xavier_uniform")),
-                  ("inference", self.inference, ("threshold", "capacity")))
+                  ("inference", self.inference, ("threshold", "capacity")),
+                  ("short_sequence", self.short_sequence, ("keep_all", "half")))
         for name, value, allowed in checks:
             if value not in allowed:
                 raise ValueError(f"MoDConfig.{name} must be one of {allowed}, got {value!r}")
@@ -76,10 +84,11 @@ class MoDConfig:
 
     def num_skipped(self, seq_len: int, num_image_tokens: int) -> int:
         """Tokens skipped per MoD layer at this (static) sequence length. Official:
-        k = ceil(S * (1 - 0.5 * 1059 / S)), and nothing is skipped when S <= 1059."""
+        k = ceil(S * (1 - 0.5 * 1059 / S)), and nothing is skipped when S <= 1059
+        (`short_sequence='half'`: floor(S / 2) are, as in the Mini-Gemini code)."""
         routable = self.routable_count(num_image_tokens)
         if seq_len <= routable:
-            return 0
+            return 0 if self.short_sequence == "keep_all" else seq_len // 2
         return int(self.routing_ratio * routable)
 
     @classmethod

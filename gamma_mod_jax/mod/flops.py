@@ -59,12 +59,15 @@ def full_model_breakdown(mllm_cfg, seq_len: int, skip_ratio: float = 0.0,
     d = clip.hidden_size
     out = {}
     patch = 2 * n_img * clip.num_channels * clip.patch_size ** 2 * d
-    if mllm_cfg.family == "llava":
+    if mllm_cfg.family == "mgm":
+        out.update(_mgm_vision_flops(mllm_cfg))
+    elif mllm_cfg.family == "llava":
         n_clip_layers = clip.num_hidden_layers + 1 + mllm_cfg.vision_select_layer
         n_clip_tokens = n_img + 1  # the CLS token runs through the tower too
     else:
         n_clip_layers, n_clip_tokens = clip.num_hidden_layers, n_img
-    out["vision_clip"] = patch + n_clip_layers * _vit_layer_flops(n_clip_tokens, d, clip.intermediate_size)
+    if mllm_cfg.family != "mgm":
+        out["vision_clip"] = patch + n_clip_layers * _vit_layer_flops(n_clip_tokens, d, clip.intermediate_size)
     if mllm_cfg.family == "llava_hr":
         cs = mllm_cfg.convnext.dims[-1]
         slow_hw = (mllm_cfg.input_image_size // 32) ** 2
@@ -78,6 +81,23 @@ def full_model_breakdown(mllm_cfg, seq_len: int, skip_ratio: float = 0.0,
     out["llm_decoder"] = paper_tflops(llm, seq_len, layers if skip_ratio else (), skip_ratio) * 1e12
     out["lm_head"] = 2 * seq_len * llm.hidden_size * llm.vocab_size
     return {k: v / 1e12 for k, v in out.items()}
+
+
+def _mgm_vision_flops(cfg) -> Dict[str, float]:
+    """Mini-Gemini: CLIP on every view (CLS included, up to the selected layer), the ConvNeXt
+    trunk at the input size (the upsampling is not counted), patch info mining (query
+    projection per token; key and value projections and the attention over its window)."""
+    clip, d = cfg.clip, cfg.clip.hidden_size
+    per_view = (clip.image_size // clip.patch_size) ** 2
+    n_layers = clip.num_hidden_layers + 1 + cfg.vision_select_layer
+    view = 2 * per_view * clip.num_channels * clip.patch_size ** 2 * d
+    view += n_layers * _vit_layer_flops(per_view + 1, d, clip.intermediate_size)
+    window = (cfg.input_image_size // 4 // cfg.image_grid) ** 2 // per_view  # aux pixels under one token
+    c = cfg.mm_hidden_size_aux
+    n_img = cfg.num_image_tokens
+    mining = n_img * (2 * d * d + window * (2 * 2 * c * d + 2 * 2 * d))
+    return {"vision_clip": cfg.num_views * view, "vision_convnext": _convnext_flops(cfg.convnext, cfg.input_image_size),
+            "vision_mining": mining}
 
 
 def full_model_tflops(mllm_cfg, seq_len: int, skip_ratio: float = 0.0,

@@ -101,12 +101,15 @@ class ConvNextConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MLLMConfig:
-    """A LLaVA-1.5 (`family='llava'`) or LLaVA-HR (`family='llava_hr'`) model."""
+    """A LLaVA-1.5 (`family='llava'`), LLaVA-HR (`family='llava_hr'`) or Mini-Gemini
+    (`family='mgm'`: CLIP on low-resolution views, the ConvNeXt trunk on the input image,
+    patch info mining between them) model."""
     family: str = "llava_hr"
     llm: LlamaConfig = LlamaConfig()
     clip: ClipConfig = ClipConfig()
-    convnext: Optional[ConvNextConfig] = None  # LLaVA-HR slow branch; None for LLaVA-1.5
-    # Input resolution fed to the model (1024 for LLaVA-HR, 336 for LLaVA-1.5).
+    convnext: Optional[ConvNextConfig] = None  # LLaVA-HR slow branch / MGM auxiliary trunk; None for LLaVA-1.5
+    # Input resolution fed to the model (1024 for LLaVA-HR, 336 for LLaVA-1.5, MGM's
+    # `image_size_aux`: 1536 for MGM-HD, 768 otherwise).
     input_image_size: int = 1024
     # LLaVA-1.5: which CLIP hidden state feeds the projector (-2 = output of the
     # second-to-last layer, as `mm_vision_select_layer`). LLaVA-HR runs all layers.
@@ -116,6 +119,11 @@ class MLLMConfig:
     adapter_after_layers: Tuple[int, ...] = (5, 11, 17)
     adapter_gate_hidden: int = 512
     mm_hidden_size: int = 1024
+    # MGM only: CLIP sees an image_grid x image_grid grid of clip.image_size tiles of the
+    # input resized to image_grid * clip.image_size, plus (image_global) the whole image at
+    # clip.image_size first; MGM-HD: 2 and True (2880 image tokens), MGM: 1 and False (576).
+    image_grid: int = 1
+    image_global: bool = False
     projector_type: str = "mlp2x_gelu"
     image_token_index: int = -200  # placeholder id in input_ids where the image goes
     mod: Optional[MoDConfig] = None  # γ-MoD layers and routing; None = dense model
@@ -123,23 +131,49 @@ class MLLMConfig:
     param_dtype: str = "float32"
 
     def __post_init__(self):
-        if self.family not in ("llava", "llava_hr"):
-            raise ValueError(f"MLLMConfig.family must be 'llava' or 'llava_hr', got {self.family!r}")
-        if self.family == "llava_hr" and self.convnext is None:
-            raise ValueError("MLLMConfig: family 'llava_hr' needs a convnext config")
+        if self.family not in ("llava", "llava_hr", "mgm"):
+            raise ValueError(f"MLLMConfig.family must be 'llava', 'llava_hr' or 'mgm', got {self.family!r}")
+        if self.family in ("llava_hr", "mgm") and self.convnext is None:
+            raise ValueError(f"MLLMConfig: family {self.family!r} needs a convnext config")
+        if self.family == "mgm":
+            self._check_mgm()
         if self.projector_type != "mlp2x_gelu":
             raise ValueError(f"MLLMConfig.projector_type: only 'mlp2x_gelu' is supported, got {self.projector_type!r}")
 
+    def _check_mgm(self):
+        if self.image_grid < 1 or (self.image_global and self.image_grid < 2):
+            raise ValueError(f"MLLMConfig: MGM needs image_grid >= 1 (>= 2 with image_global), got "
+                             f"image_grid={self.image_grid}, image_global={self.image_global}")
+        side = self.clip.image_size // self.clip.patch_size  # CLIP patch grid per view
+        aux_side = self.input_image_size // 4 // self.image_grid  # ConvNeXt stage-0 map per view
+        if self.input_image_size % 32 or aux_side % side:
+            raise ValueError(f"MLLMConfig: MGM input_image_size {self.input_image_size} must be a multiple of 32 "
+                             f"whose stage-0 map per view ({aux_side}) the CLIP grid side {side} divides")
+
+    @property
+    def mm_hidden_size_aux(self) -> int:
+        """MGM: channels of the concatenated ConvNeXt stage features (2880 for ConvNeXt-L)."""
+        return sum(self.convnext.dims)
+
+    @property
+    def num_views(self) -> int:
+        """MGM: CLIP views per image (grid tiles plus the global view)."""
+        return self.image_grid ** 2 + int(self.image_global)
+
     @property
     def fast_image_size(self) -> int:
-        """Resolution the CLIP branch runs at: LLaVA-HR's max(S*14/32, 336); S for LLaVA-1.5."""
+        """Resolution the CLIP branch runs at: LLaVA-HR's max(S*14/32, 336); S for LLaVA-1.5;
+        the CLIP size of each view for MGM."""
+        if self.family == "mgm":
+            return self.clip.image_size
         if self.family == "llava":
             return self.input_image_size
         return max(self.input_image_size * self.clip.patch_size // 32, self.clip.image_size)
 
     @property
     def num_image_tokens(self) -> int:
-        return (self.fast_image_size // self.clip.patch_size) ** 2
+        per_view = (self.fast_image_size // self.clip.patch_size) ** 2
+        return per_view * self.num_views if self.family == "mgm" else per_view
 
     @property
     def compute_dtype(self):

@@ -1,8 +1,10 @@
-"""ConvNeXt trunk (timm / LLaVA-HR key names), LLaVA-HR's slow high-resolution branch.
+"""ConvNeXt trunk (timm / LLaVA-HR key names), LLaVA-HR's slow high-resolution branch and
+Mini-Gemini's auxiliary one.
 
 Channels-last throughout ([b, h, w, c]); timm's LayerNorm2d over channels is the same
-as a LayerNorm over the last axis here. Only the last stage's output is used; the
-classifier head is never built.
+as a LayerNorm over the last axis here. LLaVA-HR uses the last stage's output, Mini-Gemini
+(OpenCLIP's ConvNeXt trunk: the same stem and stages) every stage's; the classifier head
+is never built.
 """
 
 from __future__ import annotations
@@ -75,9 +77,16 @@ class ConvNeXt(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, pixels_bhwc):
+        return self.stage_features(pixels_bhwc)[-1]
+
+    def stage_features(self, pixels_bhwc) -> list:
+        """Every stage's output, [b, H/4, W/4, dims[0]] ... [b, H/32, W/32, dims[-1]]
+        (Mini-Gemini uses all four)."""
         x = pixels_bhwc.astype(self.dtype)
         for module in self.stem:
             x = module(x)
+        features = []
         for stage in self.stages:
             x = stage(x)
-        return x
+            features.append(x)
+        return features

@@ -18,3 +18,14 @@ TINY_LLM = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidde
 TINY_CLIP = dict(image_size=28, patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                  num_attention_heads=4, layer_norm_eps=1e-5)
 TINY_CONVNEXT = dict(depths=(1, 1, 2, 1), dims=(8, 16, 24, 32), layer_norm_eps=1e-6)
+
+# Mini-Gemini's γ-MoD routing (Gamma-MOD's mod_mgm_llama.py), as MoDConfig options: its
+# routable prefix is the image (2880 positions), half of it skips, a sequence no longer
+# than the prefix keeps ceil(s / 2), xavier router init, decode always computes the layer.
+MGM_MOD = dict(always_keep="all_but_image", system_tokens=0, short_sequence="half", router_init="xavier_uniform",
+               decode_threshold=0.0)
+# The same code on the non-HD layout (576 image tokens, sequences up to 2048): its prefix
+# stays the hard-coded 2880 positions, so every sequence takes the short branch: ceil(s / 2)
+# tokens kept, tokens without a label (all but answers) first (labels reach the layer under
+# gradient checkpointing, as in the official script).
+MGM_MOD_NO_HD = dict(MGM_MOD, always_keep="all_but_answer", num_routable_tokens=2880)

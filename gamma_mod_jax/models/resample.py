@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -80,3 +81,15 @@ def resample_grid_bicubic_aa(grid_bhwc, out_h: int, out_w: int):
     if (h, w) == (out_h, out_w):
         return grid_bhwc
     return _apply_separable(grid_bhwc, bicubic_aa_matrix(h, out_h), bicubic_aa_matrix(w, out_w))
+
+
+def resize_bilinear_half_pixel(x_bhwc, out_h: int, out_w: int):
+    """[b, h, w, c] -> [b, out_h, out_w, c], as torch bilinear with align_corners=False and
+    no antialiasing (Mini-Gemini's views and feature maps), computed in float32 and cast back.
+    `jax.image.resize` samples at the same half-pixel centres; its edge renormalisation
+    equals torch's clamping of source coordinates."""
+    b, h, w, c = x_bhwc.shape
+    if (h, w) == (out_h, out_w):
+        return x_bhwc
+    out = jax.image.resize(x_bhwc.astype(jnp.float32), (b, out_h, out_w, c), method="linear", antialias=False)
+    return out.astype(x_bhwc.dtype)

@@ -3,6 +3,8 @@
 - `LlavaVisionTower`: LLaVA-1.5, CLIP ViT-L/14-336, a hidden state from layer -2, CLS dropped.
 - `HRVisionTower`: LLaVA-HR's mixture of resolutions: CLIP at 448 px (fast) and ConvNeXt
   at 1024 px (slow), MR-Adapters inside CLIP, and the final fast/slow fusion.
+- `MGMVisionTower` (`mgm_vision.py`): Mini-Gemini(-HD), CLIP on low-resolution views, a
+  ConvNeXt trunk on the high-resolution input, patch info mining.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from flax import nnx
 from gamma_mod_jax.models.clip import ClipVisionTransformer
 from gamma_mod_jax.models.config import MLLMConfig
 from gamma_mod_jax.models.convnext import ConvNeXt
+from gamma_mod_jax.models.mgm_vision import MGMVisionTower
 from gamma_mod_jax.models.mr_adapter import HRFusion, MRAdapter
 
 
@@ -55,4 +58,6 @@ class HRVisionTower(nnx.Module):
 
 
 def build_vision_tower(cfg: MLLMConfig, *, rngs: nnx.Rngs) -> nnx.Module:
+    if cfg.family == "mgm":
+        return MGMVisionTower(cfg, rngs=rngs)
     return HRVisionTower(cfg, rngs=rngs) if cfg.family == "llava_hr" else LlavaVisionTower(cfg, rngs=rngs)

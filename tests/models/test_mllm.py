@@ -45,7 +45,11 @@ def pair(rng, spec, std=0.1):
 
 @pytest.mark.parametrize("spec", ["configs/llava15_7b.py:tiny", "configs/llava_hr_7b.py:tiny"])
 def test_full_forward_matches_pytorch_assembly(rng, spec):
-    cfg, ref, model = pair(rng, spec)
+    check_full_forward(rng, *pair(rng, spec))
+
+
+def check_full_forward(rng, cfg, ref, model):
+    """Our forward on `mixed_batch` equals the PyTorch assembly's; token types and padding."""
     ids, mask, pixels = mixed_batch(rng, cfg)
     with torch.no_grad():
         want, valid = ref(torch.tensor(ids, dtype=torch.long), torch.tensor(mask), to_nchw(pixels))
