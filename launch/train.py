@@ -59,17 +59,17 @@ def main(argv):
                initialization_timeout_s=_INIT_TIMEOUT.value, log=print)
     import jax
 
-    from gamma_mod_jax.train.trainer import TrainingError, train
+    from gamma_mod_jax.train.trainer import CheckpointWriteError, TrainingError, check_writable, train
 
     config, workdir = _CONFIG.value, _WORKDIR.value
     make_data_iterator = _import_function(_DATA_ITERATOR.value) if _DATA_ITERATOR.value else None
-    os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json(indent=2))
     try:
+        check_writable(workdir)  # a read-only or full disk, or a file named like workdir: exit 2 before anything
+        if jax.process_index() == 0:
+            with open(os.path.join(workdir, "config.json"), "w") as f:
+                f.write(config.to_json(indent=2))
         summary = train(config, workdir, make_data_iterator=make_data_iterator)
-    except (ValueError, TrainingError) as e:
+    except (ValueError, TrainingError, CheckpointWriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     if jax.process_index() == 0:

@@ -3,7 +3,10 @@
 A checkpoint directory holds `model_config.json` (our MLLMConfig) and `params/`, an Orbax
 PyTree checkpoint of the parameters (the nested dict of `nnx.state(model, nnx.Param)`).
 Every writer here builds the directory under a temporary sibling and renames it into
-place at the end, so an interrupted or failed write leaves nothing at the destination.
+place at the end, so an interrupted or failed write leaves nothing at the destination;
+each also writes a manifest of file digests (convert/manifest.py), verified before a
+restore or export reads any tensor (a directory without one, written before manifests
+existed, is read unverified).
 
 Import and export stream: the PyTorch side is read tensor by tensor (shapes from the
 file headers), parameters are written to Orbax in parts (Orbax partial saving) and read
@@ -29,6 +32,7 @@ from gamma_mod_jax.convert.hf_config import hf_config_from_mllm, mllm_config_fro
 from gamma_mod_jax.convert.hf_files import (CheckpointError, LazyStateDict, SafetensorsShardWriter, read_json)
 from gamma_mod_jax.convert.keymap import (from_torch_array, match_state_dict, mllm_keymap, param_paths,
                                           to_torch_layout)
+from gamma_mod_jax.convert.manifest import verify_manifest, write_manifest
 from gamma_mod_jax.models.config import MLLMConfig
 
 MODEL_CONFIG_FILE = "model_config.json"
@@ -104,6 +108,7 @@ def save_checkpoint(dst: str, model) -> None:
         params = _nest((path, np.asarray(var.get_value())) for path, var in param_paths(model))
         ocp.save(os.path.join(tmp, PARAMS_DIR), params)
         _write_config(tmp, model.config)
+        write_manifest(tmp)
 
 
 def read_model_config(src: str) -> MLLMConfig:
@@ -141,6 +146,7 @@ def load_checkpoint(src: str, sharding_for: Optional[Callable] = None, config: O
     `config`: restore with this config instead of the saved one (dtypes may differ)."""
     from gamma_mod_jax.api import abstract_model  # convert/ -> models/: the API builds the model
 
+    verify_manifest(os.path.abspath(src))
     cfg = config if config is not None else read_model_config(src)
     model = abstract_model(cfg)
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -233,6 +239,7 @@ def convert_hf_checkpoint(src: str, dst: str, *, dtype: Optional[str] = None, mo
         flush()
         ocp.partial.finalize(params_dir)
         _write_config(tmp, cfg)
+        write_manifest(tmp)
     log(f"wrote {dst}")
     return cfg
 
@@ -246,6 +253,7 @@ def export_hf_checkpoint(src: str, dst: str, *, max_shard_bytes: int = 5 * 2**30
     (safetensors shards + index + config.json), streaming shard by shard, atomically."""
     from gamma_mod_jax.api import abstract_model
 
+    verify_manifest(os.path.abspath(src))
     cfg = read_model_config(src)
     model = abstract_model(cfg)
     keymap = mllm_keymap(cfg.family, _source_mod_layers(cfg))
