@@ -127,3 +127,29 @@ def test_data_that_yields_no_batch_is_an_error_with_the_counts(tmp_path):
 
     with pytest.raises(TrainingError, match="no batch.*'data_skipped': 5, 'data_skipped_bad_json': 5"):
         train(tiny_config(), str(tmp_path), make_data_iterator=lambda c, m: Empty(), log=lambda *_: None)
+
+
+def test_a_data_file_of_bad_records_only_is_an_error_with_the_counts(tmp_path):
+    """Bad JSON, 100,000 nested brackets, an image path leaving image_dir, a missing
+    image: the real pipeline skips and counts each, and the run fails instead of
+    'training' 0 steps."""
+    import json
+
+    from gamma_mod_jax.data.tokenizer import build_word_tokenizer
+
+    build_word_tokenizer(["what is it ?"], str(tmp_path / "tok"))
+    (tmp_path / "images").mkdir()
+    (tmp_path / "secret.png").write_bytes(b"outside the image folder")
+    turns = [{"from": "human", "value": "<image>\nwhat is it ?"}, {"from": "gpt", "value": "it"}]
+    lines = ["{not json", "[" * 100_000, json.dumps({"id": "escape", "image": "../secret.png", "conversations": turns}),
+             json.dumps({"id": "missing", "image": "nope.png", "conversations": turns})]
+    (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n")
+    config = tiny_config()
+    config.data.json_path = str(tmp_path / "data.jsonl")
+    config.data.image_dir = str(tmp_path / "images")
+    config.data.tokenizer_path = str(tmp_path / "tok")
+    with pytest.raises(TrainingError, match="no batch") as err:
+        train(config, str(tmp_path / "run"), log=lambda *_: None)
+    for counted in ("'data_skipped': 4", "'data_skipped_bad_json': 2", "'data_skipped_image_outside_image_dir': 1",
+                    "'data_skipped_missing_image': 1"):
+        assert counted in str(err.value)
