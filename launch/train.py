@@ -69,7 +69,14 @@ def main(argv):
             with open(os.path.join(workdir, "config.json"), "w") as f:
                 f.write(config.to_json(indent=2))
         summary = train(config, workdir, make_data_iterator=make_data_iterator)
-    except (ValueError, TrainingError, CheckpointWriteError) as e:
+    except CheckpointWriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Orbax's failed writes leave background tasks that print tracebacks at interpreter
+        # shutdown; nothing is left to save (the previous checkpoint is intact).
+        os._exit(2)
+    except (ValueError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     if jax.process_index() == 0:

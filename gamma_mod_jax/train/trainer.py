@@ -25,10 +25,12 @@ import contextlib
 import dataclasses
 import functools
 import json
+import logging
 import os
+import re
 import signal
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import jax
 import numpy as np
@@ -98,8 +100,10 @@ def model_for_training(config, log=print):
 
 def _checkpoint_manager(directory: str, train_cfg) -> ocp.CheckpointManager:
     # No max_to_keep: _Checkpoints deletes old steps itself, only once a newer one verifies.
+    # cleanup_tmp_directories: a save that failed (full disk) or was killed leaves
+    # `<step>.orbax-checkpoint-tmp`; the next run removes it.
     options = ocp.CheckpointManagerOptions(max_to_keep=None, enable_async_checkpointing=train_cfg.async_checkpoints,
-                                           create=True)
+                                           create=True, cleanup_tmp_directories=True)
     return ocp.CheckpointManager(directory, options=options)
 
 
@@ -121,15 +125,36 @@ def _first_nonfinite_leaf(tree) -> Optional[str]:
     return None if not bad.size else jax.tree_util.keystr(flat[int(bad[0])][0])
 
 
-def _os_error_in(e: BaseException) -> Optional[OSError]:
-    """The OSError that caused `e` (Orbax and tensorstore wrap them), if any."""
+_TENSORSTORE_OS_ERROR = re.compile(r"os_error_code='?(\d+)")
+_TENSORSTORE_PATH = re.compile(r'(?:Failed writing|local file): "([^"]+)"')
+
+
+def _os_error_in(e: BaseException) -> Optional[Tuple[str, Optional[str]]]:
+    """(description, path) of the operating-system error behind `e`, if any: an OSError
+    in its chain, or tensorstore's ValueError carrying `os_error_code=N` (how Orbax
+    reports a full disk or a read-only file system)."""
     seen = set()
     while e is not None and id(e) not in seen:
         if isinstance(e, OSError):
-            return e
+            return (e.strerror or str(e)), e.filename
+        code = _TENSORSTORE_OS_ERROR.search(str(e))
+        if code:
+            path = _TENSORSTORE_PATH.search(str(e))
+            return f"{os.strerror(int(code.group(1)))} (errno {code.group(1)})", path.group(1) if path else None
         seen.add(id(e))
         e = e.__cause__ or e.__context__
     return None
+
+
+class _QuietWriteFailures(logging.Filter):
+    """Drops asyncio's "Future exception was never retrieved" records of tensorstore write
+    failures: Orbax's parallel writes each fail on a full disk, and the save's own error
+    (one line, exit status 2) already says so."""
+
+    def filter(self, record):
+        exc = record.exc_info[1] if record.exc_info else None
+        text = record.getMessage() + (str(exc) if exc is not None else "")
+        return not ("never retrieved" in text and _TENSORSTORE_OS_ERROR.search(text))
 
 
 def check_writable(directory: str) -> None:
@@ -160,6 +185,8 @@ class _Checkpoints:
         self.keep = int(train_cfg.keep_checkpoints) if train_cfg.keep_checkpoints else None  # None: keep all
         self.log = log
         self.manager = _checkpoint_manager(self.directory, train_cfg)
+        if not any(isinstance(f, _QuietWriteFailures) for f in logging.getLogger("asyncio").filters):
+            logging.getLogger("asyncio").addFilter(_QuietWriteFailures())
         self.asynchronous = bool(train_cfg.async_checkpoints)
         self.pending: list = []     # saved steps whose manifest is not written yet
         self.verified: list = []    # steps known good (restored, or saved by this run with a manifest)
@@ -201,13 +228,13 @@ class _Checkpoints:
             return
         from gamma_mod_jax.convert.manifest import write_manifest
 
-        with self._writing(self.pending[-1]):
+        steps, self.pending = self.pending, []  # a failed save is not retried, nor verified
+        with self._writing(steps[-1]):
             self.manager.wait_until_finished()
-            for step in self.pending:
+            for step in steps:
                 if jax.process_index() == 0:
                     write_manifest(self.step_directory(step))
-        self.verified += self.pending
-        self.pending = []
+        self.verified += steps
         self._apply_retention()
 
     def _apply_retention(self) -> None:
@@ -227,9 +254,10 @@ class _Checkpoints:
             cause = _os_error_in(e)
             if cause is None:
                 raise
-            path = cause.filename or self.step_directory(step)
-            raise CheckpointWriteError(f"cannot write the checkpoint of step {step} at {path}: "
-                                       f"{cause.strerror or cause}; last good checkpoint: {self.last_good()}") from None
+            what, path = cause
+            raise CheckpointWriteError(f"cannot write the checkpoint of step {step} at "
+                                       f"{path or self.step_directory(step)}: {what}; last good checkpoint: "
+                                       f"{self.last_good()}") from None
 
     def restore_newest(self, abstract_state, data_iter):
         """(step, state) of the newest checkpoint that verifies, restores and is finite, or

@@ -153,3 +153,27 @@ def test_a_data_file_of_bad_records_only_is_an_error_with_the_counts(tmp_path):
     for counted in ("'data_skipped': 4", "'data_skipped_bad_json': 2", "'data_skipped_image_outside_image_dir': 1",
                     "'data_skipped_missing_image': 1"):
         assert counted in str(err.value)
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_save_is_exit_2_naming_the_path_and_the_previous_checkpoint_survives(tmp_path):
+    """The resumed run may write no file over 195 KiB (RLIMIT_FSIZE: what a full disk does
+    to a write, and it binds root too): its save at step 4 fails; the run ends with exit
+    status 2 and one error line naming the path, checkpoint 2 still verifies."""
+    import shlex
+
+    workdir = tmp_path / "run"
+    train(tiny_config(num_steps=2), str(workdir), make_data_iterator=synthetic_iterator(2), log=lambda *_: None)
+    command = [sys.executable, "-m", "launch.train", "--config", "configs/train.py:llava_hr_7b_mod0.5,tiny",
+               "--workdir", str(workdir), "--config.train.num_steps=4", "--config.train.checkpoint_every=2",
+               "--data_iterator", "tests.train.test_reliability:synthetic_data"]
+    # SIGXFSZ ignored: a write past the limit fails with EFBIG instead of killing the process
+    result = subprocess.run(["bash", "-c", f"trap '' XFSZ; ulimit -f 195; exec {shlex.join(command)}"],
+                            env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.getcwd()), capture_output=True,
+                            text=True, timeout=400)
+    assert result.returncode == 2, result.stderr[-3000:]
+    # (Orbax's writer threads log their own failures, tracebacks included, before this line.)
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: cannot write the checkpoint of step 4 at {workdir}/checkpoints/4"), last
+    assert "File too large" in last and f"last good checkpoint: {workdir}/checkpoints/2" in last
+    assert verify_manifest(str(workdir / "checkpoints" / "2")) is None
