@@ -33,6 +33,7 @@ import time
 from typing import Callable, Optional, Tuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -43,7 +44,7 @@ from gamma_mod_jax.parallel.mesh import DEFAULT_MESH, describe, make_mesh
 from gamma_mod_jax.parallel.sharding import BatchPlacer, like_params, param_shardings, place, replicated
 from gamma_mod_jax.train.metrics import MetricsWriter
 from gamma_mod_jax.train.optim import count_trainable, make_optimizer
-from gamma_mod_jax.train.step import BATCH_KEYS, TrainState, init_train_state, train_step
+from gamma_mod_jax.train.step import BATCH_KEYS, TrainState, all_finite, init_train_state, train_step
 
 
 class TrainingError(RuntimeError):
@@ -113,14 +114,15 @@ def _is_grain_iterator(it) -> bool:
     return isinstance(it, (grain.DatasetIterator, grain.DataLoaderIterator))
 
 
+@jax.jit
+def _finite_per_leaf(leaves):
+    return jnp.stack([all_finite(x) for x in leaves])
+
+
 def _first_nonfinite_leaf(tree) -> Optional[str]:
     """Path of the first leaf of `tree` holding a NaN or Inf, or None (one host sync)."""
-    import jax.numpy as jnp
-
-    from gamma_mod_jax.train.step import all_finite
-
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    flags = jax.jit(lambda leaves: jnp.stack([all_finite(x) for x in leaves]))([x for _, x in flat])
+    flags = _finite_per_leaf([x for _, x in flat])
     bad = np.flatnonzero(~np.asarray(_host_value(flags)))
     return None if not bad.size else jax.tree_util.keystr(flat[int(bad[0])][0])
 

@@ -51,6 +51,7 @@ def test_nan_learning_rate_never_produces_a_nonfinite_checkpoint(tmp_path):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+@pytest.mark.slow  # three runs of the tiny model: ~60-90 s on 2 shared cores
 def test_corrupt_newest_checkpoints_are_skipped_and_the_run_resumes_from_the_last_good_one(tmp_path):
     """Checkpoints 2, 4, 6; 6 bit-flipped, 4 truncated: resume verifies, names both with
     the reason, sets them aside and continues from 2 with the uninterrupted run's losses.
