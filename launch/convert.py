@@ -11,7 +11,10 @@ config) beside it. `--arank` turns a dense checkpoint into a γ-MoD one: MoD lay
 4, or --threshold X), the shared router initialised as the MoD config says.
 `--export` writes our checkpoint back as safetensors shards + index + config.json.
 Both directions stream tensor by tensor and write atomically: on any error nothing is
-left at --dst and the exit status is 2.
+left at --dst and the exit status is 2 (130 on Ctrl-C or SIGTERM, after removing the
+temporary directory; one left by a harder kill is removed by the next run to --dst).
+config.json is checked field by field before any weight is read; integer tensors and
+NaN/Inf values are errors (`--allow-nonfinite` keeps non-finite ones).
 """
 
 from __future__ import annotations
@@ -38,40 +41,48 @@ def _parser():
     parser.add_argument("--routing-ratio", type=float, default=0.5, help="share of routable tokens skipped (γ-MoD)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the router initialisation")
     parser.add_argument("--max-shard-gb", type=float, default=5.0, help="--export: largest safetensors shard")
+    parser.add_argument("--allow-nonfinite", action="store_true",
+                        help="import tensors holding NaN or Inf (an error by default)")
     return parser
 
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    from gamma_mod_jax.convert.checkpoint import convert_hf_checkpoint, export_hf_checkpoint
+    from gamma_mod_jax.convert.checkpoint import WriteInterrupted, convert_hf_checkpoint, export_hf_checkpoint
+    from gamma_mod_jax.convert.hf_config import validate_hf_config
     from gamma_mod_jax.convert.hf_files import read_json
     from gamma_mod_jax.mod.config import MoDConfig
     from gamma_mod_jax.mod.layer_selection import read_layer_selection
 
     try:
         if args.export:
-            if args.arank or args.dtype:
-                raise ValueError("--arank and --dtype apply to import, not --export")
+            if args.arank or args.dtype or args.allow_nonfinite:
+                raise ValueError("--arank, --dtype and --allow-nonfinite apply to import, not --export")
             export_hf_checkpoint(args.src, args.dst, max_shard_bytes=int(args.max_shard_gb * 2**30))
             return 0
         mod = None
         if args.arank:
-            num_layers = read_json(os.path.join(args.src, "config.json")).get("num_hidden_layers")
-            if not isinstance(num_layers, int):
-                raise ValueError(f"{os.path.join(args.src, 'config.json')}: no integer num_hidden_layers")
+            config_path = os.path.join(args.src, "config.json")
+            hf_config = read_json(config_path)
+            validate_hf_config(hf_config, config_path)
+            num_layers = hf_config["num_hidden_layers"]
             layers, origin = read_layer_selection(args.arank, num_layers=num_layers, keep_dense=args.keep_dense,
                                                   threshold=args.threshold)
             print(f"MoD layers {list(layers)} from {origin}")
             mod = MoDConfig(layers=layers, routing_ratio=args.routing_ratio)
         elif args.keep_dense is not None or args.threshold is not None:
             raise ValueError("--keep-dense / --threshold need --arank")
-        cfg = convert_hf_checkpoint(args.src, args.dst, dtype=DTYPES.get(args.dtype), mod=mod, seed=args.seed)
+        cfg = convert_hf_checkpoint(args.src, args.dst, dtype=DTYPES.get(args.dtype), mod=mod, seed=args.seed,
+                                    allow_nonfinite=args.allow_nonfinite)
         print(json.dumps({"dst": os.path.abspath(args.dst), "family": cfg.family,
                           "mod_layers": [] if cfg.mod is None else list(cfg.mod.layers)}))
         return 0
     except (ValueError, OSError) as e:  # CheckpointError, StateDictMismatchError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (WriteInterrupted, KeyboardInterrupt):
+        print(f"error: interrupted; nothing was written at {os.path.abspath(args.dst)}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -49,6 +49,36 @@ def _import_function(spec: str):
     return getattr(importlib.import_module(module), name)
 
 
+def _exit_on_error(e: Exception, process_count: int) -> None:
+    """Bad input and stopped runs: one line, exit status 2. With several processes, or
+    after a failed checkpoint write, exit at once (os._exit): jax.distributed's shutdown
+    would wait for a dead peer, and Orbax's failed writer threads print tracebacks at
+    interpreter exit. A lost peer is named in one line; anything else is re-raised (one
+    process) or printed with its traceback (several)."""
+    from gamma_mod_jax.parallel.distributed import peer_failure_message
+    from gamma_mod_jax.train.trainer import CheckpointWriteError, TrainingError
+
+    peer = peer_failure_message(e) if process_count > 1 else None
+    if peer is not None:
+        message = peer
+    elif isinstance(e, (ValueError, TrainingError, CheckpointWriteError)):
+        message = str(e)
+    elif process_count == 1:
+        raise e
+    else:
+        import traceback
+
+        traceback.print_exc()
+        message = None
+    if message is not None:
+        print(f"error: {message}", file=sys.stderr)
+    if process_count == 1 and not isinstance(e, CheckpointWriteError):
+        sys.exit(2)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(2 if message is not None else 1)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
@@ -59,19 +89,18 @@ def main(argv):
                initialization_timeout_s=_INIT_TIMEOUT.value, log=print)
     import jax
 
-    from gamma_mod_jax.train.trainer import TrainingError, train
+    from gamma_mod_jax.train.trainer import check_writable, train
 
     config, workdir = _CONFIG.value, _WORKDIR.value
     make_data_iterator = _import_function(_DATA_ITERATOR.value) if _DATA_ITERATOR.value else None
-    os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json(indent=2))
     try:
+        check_writable(workdir)  # a read-only or full disk, or a file named like workdir: exit 2 before anything
+        if jax.process_index() == 0:
+            with open(os.path.join(workdir, "config.json"), "w") as f:
+                f.write(config.to_json(indent=2))
         summary = train(config, workdir, make_data_iterator=make_data_iterator)
-    except (ValueError, TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except Exception as e:  # noqa: BLE001 - sorted below; anything unexpected is re-raised
+        _exit_on_error(e, jax.process_count())
     if jax.process_index() == 0:
         print(json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float, str))}))
 

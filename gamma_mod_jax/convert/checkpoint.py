@@ -3,7 +3,10 @@
 A checkpoint directory holds `model_config.json` (our MLLMConfig) and `params/`, an Orbax
 PyTree checkpoint of the parameters (the nested dict of `nnx.state(model, nnx.Param)`).
 Every writer here builds the directory under a temporary sibling and renames it into
-place at the end, so an interrupted or failed write leaves nothing at the destination.
+place at the end, so an interrupted or failed write leaves nothing at the destination;
+each also writes a manifest of file digests (convert/manifest.py), verified before a
+restore or export reads any tensor (a directory without one, written before manifests
+existed, is read unverified).
 
 Import and export stream: the PyTorch side is read tensor by tensor (shapes from the
 file headers), parameters are written to Orbax in parts (Orbax partial saving) and read
@@ -17,7 +20,10 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
+import socket
 import tempfile
+import threading
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import jax
@@ -25,10 +31,12 @@ import numpy as np
 from flax import nnx
 from orbax.checkpoint.experimental import v1 as ocp
 
-from gamma_mod_jax.convert.hf_config import hf_config_from_mllm, mllm_config_from_hf, mllm_config_to_dict
+from gamma_mod_jax.convert.hf_config import (hf_config_from_mllm, mllm_config_from_hf, mllm_config_to_dict,
+                                             validate_hf_config)
 from gamma_mod_jax.convert.hf_files import (CheckpointError, LazyStateDict, SafetensorsShardWriter, read_json)
 from gamma_mod_jax.convert.keymap import (from_torch_array, match_state_dict, mllm_keymap, param_paths,
                                           to_torch_layout)
+from gamma_mod_jax.convert.manifest import verify_manifest, write_manifest
 from gamma_mod_jax.models.config import MLLMConfig
 
 MODEL_CONFIG_FILE = "model_config.json"
@@ -36,18 +44,86 @@ PARAMS_DIR = "params"
 Path = Tuple  # a parameter path, e.g. ('llm', 'layers', 3, 'mlp', 'up_proj', 'kernel')
 
 
+PARTIAL = ".partial-"
+
+
+def _partial_prefix(dst: str) -> str:
+    return f".{os.path.basename(dst)}{PARTIAL}"
+
+
+def _host() -> str:
+    return socket.gethostname().replace("-", "_")
+
+
+def _owner_alive(name: str, prefix: str) -> bool:
+    """Whether the writer that made temporary directory `name` (`<prefix><host>-<pid>-...`)
+    may still be running: another host's, or a live process of this one."""
+    host, _, rest = name[len(prefix):].partition("-")
+    pid = rest.partition("-")[0]
+    if host != _host() or not pid.isdigit():
+        return host != _host()
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_partials(dst: str, log: Callable[[str], None] = print) -> List[str]:
+    """Removes the temporary siblings of `dst` that earlier writers left when they were
+    killed (their process is gone); returns their paths. Another live writer's are kept."""
+    dst = os.path.abspath(dst)
+    parent, prefix = os.path.dirname(dst), _partial_prefix(dst)
+    removed = []
+    if not os.path.isdir(parent):
+        return removed
+    for name in sorted(os.listdir(parent)):
+        path = os.path.join(parent, name)
+        if name.startswith(prefix) and os.path.isdir(path) and not _owner_alive(name, prefix):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+            log(f"removed {path}, left by an earlier write that was killed")
+    return removed
+
+
+class WriteInterrupted(BaseException):
+    """SIGTERM inside an atomic write: unwinds like Ctrl-C so the temporary directory goes."""
+
+
 @contextlib.contextmanager
-def atomic_directory(dst: str):
-    """Yields a temporary sibling of `dst`, renamed to `dst` only if the block succeeds."""
+def _terminate_as_exception():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise WriteInterrupted(f"stopped by signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def atomic_directory(dst: str, log: Callable[[str], None] = print):
+    """Yields a temporary sibling of `dst`, renamed to `dst` only if the block succeeds.
+    The temporary directory is removed on any failure, Ctrl-C and SIGTERM; ones left by
+    writers killed harder (SIGKILL, power loss) are removed by the next write to `dst`."""
     dst = os.path.abspath(dst)
     if os.path.exists(dst):
         raise CheckpointError(f"{dst}: already exists; refusing to overwrite it")
     parent = os.path.dirname(dst)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.partial-", dir=parent)
+    remove_stale_partials(dst, log)
+    tmp = tempfile.mkdtemp(prefix=f"{_partial_prefix(dst)}{_host()}-{os.getpid()}-", dir=parent)
     try:
-        yield tmp
-        os.rename(tmp, dst)
+        with _terminate_as_exception():
+            yield tmp
+            os.rename(tmp, dst)
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
@@ -104,6 +180,7 @@ def save_checkpoint(dst: str, model) -> None:
         params = _nest((path, np.asarray(var.get_value())) for path, var in param_paths(model))
         ocp.save(os.path.join(tmp, PARAMS_DIR), params)
         _write_config(tmp, model.config)
+        write_manifest(tmp)
 
 
 def read_model_config(src: str) -> MLLMConfig:
@@ -141,6 +218,7 @@ def load_checkpoint(src: str, sharding_for: Optional[Callable] = None, config: O
     `config`: restore with this config instead of the saved one (dtypes may differ)."""
     from gamma_mod_jax.api import abstract_model  # convert/ -> models/: the API builds the model
 
+    verify_manifest(os.path.abspath(src))
     cfg = config if config is not None else read_model_config(src)
     model = abstract_model(cfg)
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -171,19 +249,39 @@ def _source_mod_layers(cfg: MLLMConfig) -> tuple:
     return () if cfg.mod is None else tuple(sorted(cfg.mod.layers))
 
 
+def _checked_tensor(tensor, key: str, shard: str, allow_nonfinite: bool) -> np.ndarray:
+    """The stored tensor's values; CheckpointError for an integer / bool tensor (every
+    parameter is floating point) or, unless `allow_nonfinite`, a NaN or Inf in it."""
+    if not str(tensor.dtype).startswith(("float", "bfloat")):
+        raise CheckpointError(f"{shard}: tensor {key!r} is stored as {tensor.dtype}; parameters must be floating "
+                              "point (float32, bfloat16, float16)")
+    value = np.asarray(tensor)
+    if not allow_nonfinite:
+        finite = np.isfinite(value.astype(np.float32) if value.dtype.itemsize < 4 else value)
+        if not finite.all():
+            bad = int(value.size - np.count_nonzero(finite))
+            raise CheckpointError(f"{shard}: tensor {key!r} holds {bad} NaN/Inf value(s) of {value.size}; "
+                                  "convert with --allow-nonfinite to keep them")
+    return value
+
+
 def convert_hf_checkpoint(src: str, dst: str, *, dtype: Optional[str] = None, mod=None, seed: int = 0,
-                          part_bytes: Optional[int] = None, log: Callable[[str], None] = print) -> MLLMConfig:
+                          part_bytes: Optional[int] = None, allow_nonfinite: bool = False,
+                          log: Callable[[str], None] = print) -> MLLMConfig:
     """Converts an original LLaVA / LLaVA-HR / γ-MoD checkpoint directory into our checkpoint
     at `dst`, streaming shard by shard. `dtype`: parameter and compute dtype of the result
     (default: as the config says). `mod`: a MoDConfig turning a dense checkpoint into a γ-MoD
-    one (the router drawn from `seed`). Returns the written model config."""
+    one (the router drawn from `seed`). config.json is validated before any weight file is
+    opened; integer tensors and (unless `allow_nonfinite`) NaN/Inf values are errors.
+    Returns the written model config."""
     from gamma_mod_jax.api import abstract_model
     from gamma_mod_jax.models.llama import make_router
 
-    state_dict = LazyStateDict(src)
     config_path = os.path.join(src, "config.json")
-    source_cfg = mllm_config_from_hf(read_json(config_path), {k: state_dict[k].shape for k in state_dict},
-                                     source=config_path)
+    hf_config = read_json(config_path)
+    validate_hf_config(hf_config, config_path)
+    state_dict = LazyStateDict(src)
+    source_cfg = mllm_config_from_hf(hf_config, {k: state_dict[k].shape for k in state_dict}, source=config_path)
     cfg = _with_dtype(source_cfg, dtype, state_dict)
     if mod is not None:
         if cfg.mod is not None:
@@ -203,7 +301,7 @@ def convert_hf_checkpoint(src: str, dst: str, *, dtype: Optional[str] = None, mo
     log(f"{src}: {cfg.family}, {cfg.llm.num_hidden_layers} LLM layers"
         f"{'' if cfg.mod is None else f', γ-MoD layers {list(cfg.mod.layers)}'}; {len(chosen)} tensors in "
         f"{len(shards)} file(s); writing {cfg.param_dtype} parameters to {dst}")
-    with atomic_directory(dst) as tmp:
+    with atomic_directory(dst, log) as tmp:
         params_dir = os.path.join(tmp, PARAMS_DIR)
         part, part_size, written = [], 0, 0
 
@@ -218,7 +316,8 @@ def convert_hf_checkpoint(src: str, dst: str, *, dtype: Optional[str] = None, mo
             log(f"  [{number}/{len(shards)}] {os.path.basename(shard)}: {len(entries)} tensors, "
                 f"{sizes[shard] / 2**20:.1f} MiB")
             for path, var, key in entries:
-                value = from_torch_array(path, state_dict[key], var.get_value().dtype)
+                stored = _checked_tensor(state_dict[key], key, shard, allow_nonfinite)
+                value = from_torch_array(path, stored, var.get_value().dtype)
                 if part and part_size + value.nbytes > budget:
                     flush()
                 part.append((path, value))
@@ -233,6 +332,7 @@ def convert_hf_checkpoint(src: str, dst: str, *, dtype: Optional[str] = None, mo
         flush()
         ocp.partial.finalize(params_dir)
         _write_config(tmp, cfg)
+        write_manifest(tmp)
     log(f"wrote {dst}")
     return cfg
 
@@ -246,6 +346,7 @@ def export_hf_checkpoint(src: str, dst: str, *, max_shard_bytes: int = 5 * 2**30
     (safetensors shards + index + config.json), streaming shard by shard, atomically."""
     from gamma_mod_jax.api import abstract_model
 
+    verify_manifest(os.path.abspath(src))
     cfg = read_model_config(src)
     model = abstract_model(cfg)
     keymap = mllm_keymap(cfg.family, _source_mod_layers(cfg))
@@ -261,7 +362,7 @@ def export_hf_checkpoint(src: str, dst: str, *, max_shard_bytes: int = 5 * 2**30
         groups[-1].append((path, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=cpu)))
         size += nbytes
     log(f"{src}: exporting {cfg.family} to {dst} in {len(groups)} safetensors file(s)")
-    with atomic_directory(dst) as tmp:
+    with atomic_directory(dst, log) as tmp:
         writer = SafetensorsShardWriter(tmp, num_shards=len(groups))
         for number, group in enumerate(groups, 1):
             values = _load_params(src, dict(group), partial=True)

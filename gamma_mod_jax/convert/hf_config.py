@@ -8,6 +8,7 @@ ConvNeXt-L vs -XXL from its stem and stage depths, MR-Adapters from their presen
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from typing import Mapping
 
@@ -27,6 +28,72 @@ CONVNEXT = "model.vision_tower.slow_vision_tower.vision_tower."
 EXTRA_KEY = "gamma_mod_jax"
 
 
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v) -> bool:
+    return (_int(v) or isinstance(v, float)) and v == v and abs(v) != float("inf")
+
+
+# field: (required, expected (words), check); `required`: present and not null.
+_POSITIVE_INT = ("a positive integer", lambda v: _int(v) and v > 0)
+_TOKEN_ID = ("a non-negative integer or null", lambda v: _int(v) and v >= 0)
+_POSITIVE_NUMBER = ("a positive finite number", lambda v: _number(v) and v > 0)
+CONFIG_FIELDS = {
+    "model_type": (True, "a string", lambda v: isinstance(v, str)),
+    "vocab_size": (True,) + _POSITIVE_INT,
+    "hidden_size": (True,) + _POSITIVE_INT,
+    "intermediate_size": (True,) + _POSITIVE_INT,
+    "num_hidden_layers": (True,) + _POSITIVE_INT,
+    "num_attention_heads": (True,) + _POSITIVE_INT,
+    "num_key_value_heads": (False,) + _POSITIVE_INT,
+    "rms_norm_eps": (False,) + _POSITIVE_NUMBER,
+    "rope_theta": (False,) + _POSITIVE_NUMBER,
+    "max_position_embeddings": (False,) + _POSITIVE_INT,
+    "pad_token_id": (False,) + _TOKEN_ID,
+    "bos_token_id": (False,) + _TOKEN_ID,
+    "eos_token_id": (False,) + _TOKEN_ID,
+    "mm_vision_select_layer": (False, "an integer", _int),
+    "mm_hidden_size": (False,) + _POSITIVE_INT,
+    "input_image_size": (False,) + _POSITIVE_INT,
+    "is_multipath_encoder": (False, "true or false", lambda v: isinstance(v, bool)),
+    "mod": (False, "an object", lambda v: isinstance(v, dict)),
+    EXTRA_KEY: (False, "an object", lambda v: isinstance(v, dict)),
+}
+
+
+def validate_hf_config(config, source: str = "config.json") -> None:
+    """Checks the config.json fields we read against their types and ranges (CONFIG_FIELDS,
+    and γ-MoD's mod.mod_layers_idx / mod.router_aux_loss_coef) before any tensor is read;
+    CheckpointError naming the file, the field, its value and the expected type."""
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{source}: expected a JSON object, got {type(config).__name__}")
+
+    def bad(field, value, expected):
+        return CheckpointError(f"{source}: field {field!r} is {json.dumps(value)} ({type(value).__name__}); "
+                               f"expected {expected}")
+
+    for field, (required, expected, check) in CONFIG_FIELDS.items():
+        value = config.get(field)
+        if value is None:
+            if required:
+                raise CheckpointError(f"{source}: field {field!r} is {'null' if field in config else 'missing'}; "
+                                      f"expected {expected}")
+            continue
+        if not check(value):
+            raise bad(field, value, expected)
+    mod = config.get("mod") or {}
+    layers = mod.get("mod_layers_idx")
+    if layers is not None:
+        n = config["num_hidden_layers"]
+        if not (isinstance(layers, list) and all(_int(i) and 0 <= i < n for i in layers)):
+            raise bad("mod.mod_layers_idx", layers, f"a list of layer indices in [0, {n})")
+    coef = mod.get("router_aux_loss_coef")
+    if coef is not None and not (_number(coef) and coef >= 0):
+        raise bad("mod.router_aux_loss_coef", coef, "a non-negative finite number")
+
+
 def _count(keys, pattern: str) -> int:
     found = {int(m.group(1)) for k in keys for m in [re.match(pattern, k)] if m}
     return max(found) + 1 if found else 0
@@ -34,6 +101,7 @@ def _count(keys, pattern: str) -> int:
 
 def mllm_config_from_hf(config: Mapping, shapes: Mapping[str, tuple], source: str = "config.json") -> MLLMConfig:
     """Our config for an original checkpoint: its config.json and {key: shape} of its weights."""
+    validate_hf_config(config, source)
     model_type = config.get("model_type")
     if model_type in ("mgm", "mod_mgm"):
         from gamma_mod_jax.convert.hf_config_mgm import mgm_config_from_hf  # it builds on this module

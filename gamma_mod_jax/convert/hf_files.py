@@ -35,14 +35,32 @@ def read_json(path: str) -> dict:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
+def _inside(directory: str, relative: str) -> bool:
+    """Whether `relative` (a path written in an index) names a file inside `directory`:
+    not absolute, no `..` climbing out (decided on the text; the directory's own
+    symbolic links are followed)."""
+    if os.path.isabs(relative):
+        return False
+    root = os.path.normpath(os.path.abspath(directory))
+    return os.path.commonpath([root, os.path.normpath(os.path.join(root, relative))]) == root
+
+
 def weight_files(src: str) -> Dict[str, str]:
     """{tensor key: shard path} for a checkpoint directory (sharded or single file)."""
     for name in INDEX_FILES:
         index_path = os.path.join(src, name)
         if os.path.exists(index_path):
-            weight_map = read_json(index_path).get("weight_map")
+            index = read_json(index_path)
+            weight_map = index.get("weight_map") if isinstance(index, dict) else None
             if not isinstance(weight_map, dict) or not weight_map:
                 raise CheckpointError(f"{index_path}: no 'weight_map' naming the shards")
+            for key, shard in weight_map.items():
+                if not isinstance(shard, str) or not shard:
+                    raise CheckpointError(f"{index_path}: weight_map[{key!r}] is {json.dumps(shard)}; expected the "
+                                          "file name of a shard")
+                if not _inside(src, shard):
+                    raise CheckpointError(f"{index_path}: weight_map[{key!r}] = {shard!r} lies outside {src}; "
+                                          "shards must be files in the checkpoint directory")
             missing = sorted({s for s in weight_map.values() if not os.path.exists(os.path.join(src, s))})
             if missing:
                 raise CheckpointError(f"{index_path}: shard(s) named in the index do not exist: {', '.join(missing)}")

@@ -33,8 +33,8 @@ counts are exact with any number of worker processes and identical after a resum
 (skips are decided by the record alone, the order by the seed). The trainer reads
 them with `iterator.stats()` (flat counts: skipped, truncated, skipped_<reason>) or
 `pipeline_stats(iterator)` (counts, ids, first message per reason); each skipped id
-is also logged once (logging.WARNING). Exception: skips among the examples of a final
-partial batch that is dropped (finite num_epochs, drop_remainder=True) are not seen.
+is also logged once (logging.WARNING), skips after the last batch of a finite run
+included (they travel in an events-only item the accounting consumes).
 
 The batch composition depends on worker_count (each worker batches its own slice of
 the stream): a resume must use the same worker_count, batch_size, buckets, seed and
@@ -71,6 +71,7 @@ def data_config_defaults() -> ml_collections.ConfigDict:
     c.source = "llava_json"            # "llava_json" | "tfds" | "easy_vqa"
     c.json_path = p(str)               # llava_json: a JSON list or JSON-lines file
     c.image_dir = p(str)               # llava_json: image paths in the records are relative to it
+    c.allow_paths_outside_image_dir = False  # True: absolute / ../ image paths may leave image_dir
     c.tfds_name = p(str)               # tfds: "llava_conversations" | "easy_vqa" (tfds_builders.py)
     c.tfds_data_dir = p(str)           # tfds (and easy_vqa when set): where the prepared data lies
     c.split = "train"                  # tfds / easy_vqa split
@@ -147,7 +148,8 @@ def make_source(data_cfg, *, split: Optional[str] = None):
     if cfg.source == "llava_json":
         if not cfg.json_path:
             raise ValueError("data.source 'llava_json' needs data.json_path")
-        return src_lib.LlavaJsonSource(cfg.json_path, cfg.image_dir)
+        return src_lib.LlavaJsonSource(cfg.json_path, cfg.image_dir,
+                                       allow_paths_outside_image_dir=bool(cfg.allow_paths_outside_image_dir))
     if cfg.source == "tfds":
         if not cfg.tfds_name:
             raise ValueError("data.source 'tfds' needs data.tfds_name")
@@ -205,10 +207,30 @@ def _decode_image(record) -> Any:
         raise _Skip(src_lib.UNREADABLE_IMAGE, f"image {path}: {type(e).__name__}: {e}") from None
 
 
+def min_token_count(tokenizer):
+    """A function texts -> a lower bound on the tokens `tokenizer` makes of them, cheap
+    enough to run before tokenizing (None when the kind of tokenizer is unknown).
+    Subword models (BPE, Unigram, SentencePiece) cover at most their longest vocabulary
+    piece's length of non-space characters per token (byte-level and byte-fallback
+    pieces cover one byte); word-level models (WordLevel, WordPiece: an unknown word is
+    one token) make at least one token per whitespace-separated word."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    kind = type(backend.model).__name__ if backend is not None else type(tokenizer).__name__
+    if kind in ("WordLevel", "WordPiece"):
+        return lambda texts: sum(len(t.split()) for t in texts)
+    if kind in ("BPE", "Unigram") or "Llama" in kind or "SentencePiece" in kind:
+        longest = max(1, max((len(piece) for piece in tokenizer.get_vocab()), default=1))
+        return lambda texts: sum(len(t) - sum(t.count(c) for c in " \t\n\r") for t in texts) // longest
+    return None
+
+
 @dataclasses.dataclass
 class ExampleEncoder:
     """Grain map step: raw record -> encoded example, or a skip marker
-    {"_skip": reason, "_id", "_message"}. Never raises for a bad record."""
+    {"_skip": reason, "_id", "_message"}. Never raises for a bad record: any exception
+    encoding one is a counted skip with the record's id. With truncation "drop" a
+    conversation that cannot fit in max_len tokens by its characters (min_token_count)
+    is skipped as over-long before it is tokenized."""
     tokenizer: Any
     image_size: int
     max_len: int
@@ -218,11 +240,18 @@ class ExampleEncoder:
     image_token_index: int = IMAGE_TOKEN_INDEX
 
     def __call__(self, record: Dict[str, Any]) -> Dict[str, Any]:
-        rid = str(record.get("id", "?"))
+        rid = str(record.get("id", "?")) if isinstance(record, Mapping) else "?"
         try:
             return self._encode(record, rid)
         except _Skip as s:
             return {"_skip": s.reason, "_id": rid, "_message": str(s)}
+        except Exception as e:  # noqa: BLE001 - one odd record must never stop training
+            return {"_skip": src_lib.MALFORMED, "_id": rid, "_message": f"record {rid}: {type(e).__name__}: {e}"}
+
+    def _min_tokens(self, texts) -> int:
+        if not hasattr(self, "_count"):
+            self._count = min_token_count(self.tokenizer)
+        return self._count(texts) if self._count is not None else 0
 
     def _encode(self, record, rid):
         from gamma_mod_jax.data import conversation as conv
@@ -233,6 +262,11 @@ class ExampleEncoder:
             raise _Skip(reason, message)
         if not _has_assistant_turn(record["conversations"]):
             raise _Skip(src_lib.NO_ASSISTANT_TURN, f"record {rid} has no non-empty assistant ('gpt') turn")
+        if self.truncation == "drop":
+            at_least = self._min_tokens([turn["value"] for turn in record["conversations"]])
+            if at_least > self.max_len:
+                raise _Skip(src_lib.OVER_LONG, f"record {rid}: at least {at_least} tokens by its characters "
+                                               f"> {self.max_len} (not tokenized)")
         if self.move_image_to_front:
             record = conv.move_image_to_front(record)
         has_image = record.get("image") is not None
@@ -340,13 +374,15 @@ class _BucketBatchIterator(grain.DatasetIterator):
             except StopIteration:
                 if rows and not ds.drop_remainder:
                     break
+                if events:  # no batch follows: the skips still reach the accounting
+                    return {"_events": events, "_ids": [], "_events_only": True}
                 raise
             if "_skip" in ex:
                 events.append([ex["_skip"], ex["_id"], ex["_message"]])
                 self._skips_in_a_row += 1
                 if self._skips_in_a_row >= ds.max_consecutive_skips:
                     reasons = sorted({e[0] for e in events})
-                    raise RuntimeError(f"{self._skips_in_a_row} bad records in a row (reasons {reasons}; last: "
+                    raise src_lib.BrokenDataError(f"{self._skips_in_a_row} bad records in a row (reasons {reasons}; last: "
                                        f"{ex['_message']}): the data or its configuration is broken")
                 continue
             self._skips_in_a_row = 0
@@ -446,9 +482,12 @@ class PipelineIterator(grain.DatasetIterator):
         self.last_ids: List[str] = []
 
     def __next__(self) -> Dict[str, np.ndarray]:
-        batch = dict(next(self._parent))
-        for reason, rid, message in batch.pop("_events"):
-            self.bad_records.add(reason, rid, message)
+        while True:
+            batch = dict(next(self._parent))
+            for reason, rid, message in batch.pop("_events"):
+                self.bad_records.add(reason, rid, message)
+            if not batch.pop("_events_only", False):  # the end of a (worker's) stream: skips only
+                break
         self.last_ids = list(batch.pop("_ids"))
         return batch
 

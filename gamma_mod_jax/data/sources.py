@@ -39,18 +39,44 @@ UNREADABLE_IMAGE = "unreadable_image"    # the image cannot be decoded
 NO_ASSISTANT_TURN = "no_assistant_turn"  # nothing to supervise
 BAD_CONVERSATION = "bad_conversation"    # the conversation encoder refused it otherwise
 OVER_LONG = "over_long"                  # longer than the largest bucket (truncation "drop")
+IMAGE_OUTSIDE_DIR = "image_outside_image_dir"  # an absolute or ../ image path leaving image_dir
 # Not a skip: an example cut to the largest bucket (truncation "truncate_right").
 TRUNCATED = "truncated"
 
 SKIP_REASONS = (BAD_JSON, MALFORMED, MISSING_IMAGE, UNREADABLE_IMAGE, NO_ASSISTANT_TURN,
-                BAD_CONVERSATION, OVER_LONG)
+                BAD_CONVERSATION, OVER_LONG, IMAGE_OUTSIDE_DIR)
+# What a record's JSON may fail with: JSONDecodeError and UnicodeDecodeError are
+# ValueErrors; a deeply nested value ([[[[...) exhausts the parser's recursion.
+JSON_ERRORS = (ValueError, RecursionError)
 
 Record = Dict[str, Any]
 
 
-def canonical_record(obj: Any, fallback_id: str, image_dir: Optional[str]) -> Record:
+class BrokenDataError(RuntimeError, ValueError):
+    """So many bad records in a row that the data (or its configuration) must be broken;
+    a ValueError, so launchers report it as bad input (exit status 2)."""
+
+
+def image_path_in(image_dir: str, image: str, allow_outside: bool = False) -> Optional[str]:
+    """`image` (as a record writes it) joined to `image_dir`, or None when it leaves
+    `image_dir`: an absolute path elsewhere, or `..` climbing out (decided on the path's
+    text; symbolic links inside image_dir are followed, as the folder's owner set them up).
+    With `allow_outside`, absolute paths are taken as they are (the official loader's
+    os.path.join behaviour)."""
+    joined = os.path.normpath(os.path.join(image_dir, image))
+    if allow_outside:
+        return joined
+    root = os.path.normpath(os.path.abspath(image_dir))
+    if os.path.commonpath([root, os.path.abspath(joined)]) != root:
+        return None
+    return joined
+
+
+def canonical_record(obj: Any, fallback_id: str, image_dir: Optional[str],
+                     allow_paths_outside_image_dir: bool = False) -> Record:
     """A parsed JSON value -> a raw record (with "error" set when it is not a usable
-    LLaVA record). Image paths are joined to `image_dir` unless absolute."""
+    LLaVA record). Image paths are resolved inside `image_dir` (see image_path_in); one
+    leaving it is a bad record unless `allow_paths_outside_image_dir`."""
     if not isinstance(obj, dict):
         return bad_record(fallback_id, MALFORMED, f"expected a JSON object, got {type(obj).__name__}")
     rid = obj.get("id")
@@ -65,9 +91,13 @@ def canonical_record(obj: Any, fallback_id: str, image_dir: Optional[str]) -> Re
     for k, turn in enumerate(conversations):
         if not (isinstance(turn, dict) and isinstance(turn.get("from"), str) and isinstance(turn.get("value"), str)):
             return bad_record(rid, MALFORMED, f"turn {k} is not {{'from': str, 'value': str}}")
-    if image:
-        image = image if (image_dir is None or os.path.isabs(image)) else os.path.join(image_dir, image)
-    else:
+    if image and image_dir is not None:
+        resolved = image_path_in(image_dir, image, allow_paths_outside_image_dir)
+        if resolved is None:
+            return bad_record(rid, IMAGE_OUTSIDE_DIR, f"image path {image!r} leaves the image folder {image_dir} "
+                                                      "(set data.allow_paths_outside_image_dir to allow it)")
+        image = resolved
+    elif not image:
         image = None
     return {"id": rid, "image": image, "conversations": conversations}
 
@@ -80,14 +110,18 @@ class LlavaJsonSource:
     """LLaVA conversation records from `json_path` (a JSON list, or JSON lines: one record
     per line) with images under `image_dir` (paths in the records are relative to it).
 
-    A JSON-lines line that does not parse becomes a bad record with id "line <n>"
-    (1-based line number); blank lines are not records. A file that is empty, holds no
+    A JSON-lines line that does not parse (deep nesting included) becomes a bad record
+    with id "line <n>" (1-based line number); blank lines are not records. A file that
+    is empty, not UTF-8 (a UTF-16 / UTF-32 byte-order mark or NUL bytes), holds no
     parseable record, or (JSON list) does not parse raises ValueError naming the file.
+    Image paths must stay inside `image_dir` unless `allow_paths_outside_image_dir`.
     """
 
-    def __init__(self, json_path: str, image_dir: Optional[str] = None):
+    def __init__(self, json_path: str, image_dir: Optional[str] = None, *,
+                 allow_paths_outside_image_dir: bool = False):
         self.json_path = os.fspath(json_path)
         self.image_dir = None if image_dir is None else os.fspath(image_dir)
+        self.allow_paths_outside_image_dir = bool(allow_paths_outside_image_dir)
         if not os.path.isfile(self.json_path):
             raise ValueError(f"{self.json_path}: conversation file not found")
         with open(self.json_path, "rb") as f:
@@ -97,6 +131,10 @@ class LlavaJsonSource:
             stripped = stripped[3:].lstrip()
         if not stripped.strip():
             raise ValueError(f"{self.json_path}: the conversation file is empty")
+        if data[:4] in (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff") or data[:2] in (b"\xff\xfe", b"\xfe\xff") \
+                or b"\x00" in data[:4096]:
+            raise ValueError(f"{self.json_path}: not UTF-8 text (a UTF-16/UTF-32 byte-order mark or NUL bytes); "
+                             "convert it to UTF-8")
         # Record i is bytes [starts[i], ends[i]) of the file; JSON lines keep line numbers
         # and the messages of lines that do not parse (those are read back as bad records).
         self._line_numbers: Optional[np.ndarray] = None
@@ -152,6 +190,9 @@ class LlavaJsonSource:
             raise ValueError(f"{self.json_path}: not a valid JSON list of LLaVA records: {e.msg} at line "
                              f"{e.lineno} column {e.colno} (use JSON lines, one record per line, to have "
                              f"bad records skipped instead)") from None
+        except RecursionError:
+            raise ValueError(f"{self.json_path}: record {len(starts)} of the JSON list is nested too deeply to "
+                             f"parse (use JSON lines to have such records skipped instead)") from None
         return np.asarray(starts, np.int64), np.asarray(ends, np.int64)
 
     def _scan_json_lines(self, data: bytes) -> Tuple[np.ndarray, np.ndarray]:
@@ -176,8 +217,9 @@ class LlavaJsonSource:
             try:
                 json.loads(line)
                 good += 1
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                message = f"line {lineno} of {self.json_path} is not valid JSON: {e}"
+            except JSON_ERRORS as e:
+                detail = "nested too deeply to parse" if isinstance(e, RecursionError) else str(e)
+                message = f"line {lineno} of {self.json_path} is not valid JSON: {detail}"
                 self._line_errors[index] = message
                 first_error = first_error or message
         if starts and not good:
@@ -213,9 +255,10 @@ class LlavaJsonSource:
         raw = self._read(int(self._starts[index]), int(self._ends[index]))
         try:
             obj = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:  # the file changed since the scan
-            return bad_record(fallback, BAD_JSON, f"{self.json_path} record {index}: {e}")
-        return canonical_record(obj, fallback, self.image_dir)
+        except JSON_ERRORS as e:  # the file changed since the scan, or deep nesting
+            detail = "nested too deeply to parse" if isinstance(e, RecursionError) else str(e)
+            return bad_record(fallback, BAD_JSON, f"{self.json_path} record {index}: {detail}")
+        return canonical_record(obj, fallback, self.image_dir, self.allow_paths_outside_image_dir)
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -243,8 +286,10 @@ class LlavaJsonSource:
 class RecordListSource:
     """Raw records held in memory (each passed through `canonical_record`)."""
 
-    def __init__(self, records: Sequence[Any], image_dir: Optional[str] = None, name: str = "records"):
-        self._records = [canonical_record(r, f"#{i}", image_dir) for i, r in enumerate(records)]
+    def __init__(self, records: Sequence[Any], image_dir: Optional[str] = None, name: str = "records", *,
+                 allow_paths_outside_image_dir: bool = False):
+        self._records = [canonical_record(r, f"#{i}", image_dir, allow_paths_outside_image_dir)
+                         for i, r in enumerate(records)]
         self.name = name
         if not self._records:
             raise ValueError(f"{name}: no records")

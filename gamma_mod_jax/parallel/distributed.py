@@ -13,13 +13,16 @@ Otherwise the run stays single-process and nothing is initialised.
 A process that dies takes the others down within bounded time: collectives with a
 dead peer fail (gloo on CPU, NCCL on GPU), and the coordination service declares a
 process dead after `heartbeat_timeout_s` without a heartbeat, which terminates the
-survivors with an error naming the lost task (jax's default is 100 s).
+survivors with an error naming the lost task (jax's default is 100 s). The launcher
+turns the first into one line (`peer_failure_message`) and exits at once with status 2:
+jax.distributed's shutdown would wait on the dead peer.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import Optional
 
 _log = logging.getLogger(__name__)
@@ -76,3 +79,31 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
     say(f"distributed: process {jax.process_index()} of {jax.process_count()} ({source}), "
         f"{jax.local_device_count()} local of {jax.device_count()} devices")
     return True
+
+
+# How a lost peer shows up in the errors of collectives and of the coordination service.
+_PEER_LOST = re.compile(r"gloo|connection (?:reset|closed|refused)|broken pipe|heartbeat|unavailable|"
+                        r"task:\d+|peer|socket closed|deadline exceeded", re.IGNORECASE)
+_TASK = re.compile(r"task:(\d+)")
+
+
+def peer_failure_message(error: BaseException) -> Optional[str]:
+    """One line naming the process that is gone, when `error` (raised in a multi-process
+    run) is a collective or coordination failure caused by a dead peer; None otherwise.
+    The dead process is named by the error where it says (`task:N`); with two processes
+    it is the other one."""
+    import jax
+
+    text = f"{type(error).__name__}: {error}"
+    if jax.process_count() < 2 or not _PEER_LOST.search(text):
+        return None
+    me, count = jax.process_index(), jax.process_count()
+    named = sorted({int(t) for t in _TASK.findall(text)} - {me})
+    if named:
+        who = f"process {', '.join(map(str, named))}"
+    elif count == 2:
+        who = f"process {1 - me}"
+    else:
+        who = f"one of processes {[i for i in range(count) if i != me]}"
+    detail = " ".join(str(error).split())[:300]
+    return f"process {me} of {count}: {who} is gone (died or stopped); stopping. ({type(error).__name__}: {detail})"

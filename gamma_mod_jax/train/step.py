@@ -32,7 +32,7 @@ class TrainState:
     params: Any                 # nnx.State of the nnx.Param variables
     opt_state: Any
     step: jax.Array             # number of step calls done (micro-batches)
-    nonfinite_total: jax.Array  # updates skipped because loss or gradients were not finite
+    nonfinite_total: jax.Array  # step calls skipped: loss, gradients, update or new state not finite
     nonfinite_run: jax.Array    # ... in a row (reset by a finite step)
 
 
@@ -131,13 +131,28 @@ def _frozen_as_constants(params, trainable):
     return jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
 
 
+def all_finite(tree) -> jax.Array:
+    """True when every floating-point element of `tree` is finite (integer leaves, such as
+    optimizer step counts, cannot hold NaN). One fused reduction per leaf, on device."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    if not leaves:
+        return jnp.bool_(True)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 def train_step(state: TrainState, batch, *, graphdef, rest, tx, axis_name=None, trainable=None) -> tuple:
-    """One micro-batch: gradients, a non-finite guard, the optimizer update. Returns
-    (new state, metrics). A non-finite loss or gradient norm leaves parameters and
-    optimizer state unchanged and is counted. `axis_name`: under jax.pmap, the mapped
-    axis; gradients are averaged over it (see loss_and_metrics). `trainable`: optional
-    pytree of Python bools like params (the freeze rules' mask); frozen parameters get
-    no gradient computation (their optimizer updates are zero either way)."""
+    """One micro-batch: gradients, the optimizer update, a non-finite guard. Returns
+    (new state, metrics). The update is applied only when the loss, the gradients, the
+    update and the new parameters and optimizer state are all finite; otherwise
+    parameters and optimizer state stay as they were and the skip is counted
+    (`nonfinite_total`, `nonfinite_run`, both on device). This is not
+    optax.apply_if_finite: that one looks at the incoming gradients only (a NaN learning
+    rate or a corrupt optimizer moment passes it) and applies the update anyway after
+    its limit of consecutive errors; here the trainer stops the run at the limit instead.
+    `axis_name`: under jax.pmap, the mapped axis; gradients are averaged over it (see
+    loss_and_metrics). `trainable`: optional pytree of Python bools like params (the
+    freeze rules' mask); frozen parameters get no gradient computation (their optimizer
+    updates are zero either way)."""
     objective = lambda params: loss_and_metrics(_frozen_as_constants(params, trainable), graphdef, rest, batch,
                                                 axis_name)
     (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
@@ -145,15 +160,17 @@ def train_step(state: TrainState, batch, *, graphdef, rest, tx, axis_name=None, 
         grads = jax.lax.pmean(grads, axis_name)
     loss = metrics["loss"]
     grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)
+    inputs_finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # Zeroed gradients keep NaN out of the optimizer's arithmetic (MultiSteps accumulates them).
+    grads = jax.tree.map(lambda g: jnp.where(inputs_finite, g, jnp.zeros_like(g)), grads)
     updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
+    finite = inputs_finite & all_finite(updates) & all_finite(new_params) & all_finite(new_opt_state)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     one = jnp.ones((), jnp.int32)
     new_state = TrainState(
         params=keep(new_params, state.params), opt_state=keep(new_opt_state, state.opt_state),
         step=state.step + one, nonfinite_total=state.nonfinite_total + jnp.where(finite, 0, one),
         nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + one))
-    metrics.update(grad_norm=grad_norm, finite=finite)
+    metrics.update(grad_norm=grad_norm, finite=finite, nonfinite_run=new_state.nonfinite_run)
     return new_state, metrics

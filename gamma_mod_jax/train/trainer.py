@@ -21,15 +21,19 @@ any got SIGTERM, so they stop together.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
+import logging
 import os
+import re
 import signal
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -40,11 +44,17 @@ from gamma_mod_jax.parallel.mesh import DEFAULT_MESH, describe, make_mesh
 from gamma_mod_jax.parallel.sharding import BatchPlacer, like_params, param_shardings, place, replicated
 from gamma_mod_jax.train.metrics import MetricsWriter
 from gamma_mod_jax.train.optim import count_trainable, make_optimizer
-from gamma_mod_jax.train.step import BATCH_KEYS, TrainState, init_train_state, train_step
+from gamma_mod_jax.train.step import BATCH_KEYS, TrainState, all_finite, init_train_state, train_step
 
 
 class TrainingError(RuntimeError):
-    """Training stopped on purpose (e.g. too many non-finite losses in a row); a checkpoint was saved."""
+    """Training stopped on purpose (too many non-finite steps in a row, a train state that
+    is not finite, no data at all); the message says which checkpoint holds the last good state."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint (or the run directory) cannot be written: read-only, full disk, not a
+    directory. The message names the path; the previous checkpoint is left intact."""
 
 
 def model_for_training(config, log=print):
@@ -89,10 +99,13 @@ def model_for_training(config, log=print):
     return model
 
 
-def _checkpoint_manager(workdir: str, train_cfg) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=train_cfg.keep_checkpoints,
-                                           enable_async_checkpointing=train_cfg.async_checkpoints, create=True)
-    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
+def _checkpoint_manager(directory: str, train_cfg) -> ocp.CheckpointManager:
+    # No max_to_keep: _Checkpoints deletes old steps itself, only once a newer one verifies.
+    # cleanup_tmp_directories: a save that failed (full disk) or was killed leaves
+    # `<step>.orbax-checkpoint-tmp`; the next run removes it.
+    options = ocp.CheckpointManagerOptions(max_to_keep=None, enable_async_checkpointing=train_cfg.async_checkpoints,
+                                           create=True, cleanup_tmp_directories=True)
+    return ocp.CheckpointManager(directory, options=options)
 
 
 def _is_grain_iterator(it) -> bool:
@@ -101,15 +114,207 @@ def _is_grain_iterator(it) -> bool:
     return isinstance(it, (grain.DatasetIterator, grain.DataLoaderIterator))
 
 
-def _save(manager, step: int, state, data_iter, *, force=False) -> bool:
-    import grain
+@jax.jit
+def _finite_per_leaf(leaves):
+    return jnp.stack([all_finite(x) for x in leaves])
 
-    args = {"state": ocp.args.StandardSave(state)}
-    if _is_grain_iterator(data_iter):  # one file per process
-        args["data"] = grain.checkpoint.CheckpointSave(data_iter)
-    elif hasattr(data_iter, "get_state"):  # any other checkpointable iterator (single process)
-        args["data_json"] = ocp.args.JsonSave(data_iter.get_state())
-    return manager.save(step, args=ocp.args.Composite(**args), force=force)
+
+def _first_nonfinite_leaf(tree) -> Optional[str]:
+    """Path of the first leaf of `tree` holding a NaN or Inf, or None (one host sync)."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    flags = _finite_per_leaf([x for _, x in flat])
+    bad = np.flatnonzero(~np.asarray(_host_value(flags)))
+    return None if not bad.size else jax.tree_util.keystr(flat[int(bad[0])][0])
+
+
+_TENSORSTORE_OS_ERROR = re.compile(r"os_error_code='?(\d+)")
+_TENSORSTORE_PATH = re.compile(r'(?:Failed writing|local file): "([^"]+)"')
+
+
+def _os_error_in(e: BaseException) -> Optional[Tuple[str, Optional[str]]]:
+    """(description, path) of the operating-system error behind `e`, if any: an OSError
+    in its chain, or tensorstore's ValueError carrying `os_error_code=N` (how Orbax
+    reports a full disk or a read-only file system)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return (e.strerror or str(e)), e.filename
+        code = _TENSORSTORE_OS_ERROR.search(str(e))
+        if code:
+            path = _TENSORSTORE_PATH.search(str(e))
+            return f"{os.strerror(int(code.group(1)))} (errno {code.group(1)})", path.group(1) if path else None
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+class _QuietWriteFailures(logging.Filter):
+    """Drops asyncio's "Future exception was never retrieved" records of tensorstore write
+    failures: Orbax's parallel writes each fail on a full disk, and the save's own error
+    (one line, exit status 2) already says so."""
+
+    def filter(self, record):
+        exc = record.exc_info[1] if record.exc_info else None
+        text = record.getMessage() + (str(exc) if exc is not None else "")
+        return not ("never retrieved" in text and _TENSORSTORE_OS_ERROR.search(text))
+
+
+def check_writable(directory: str) -> None:
+    """Creates `directory` if needed and writes, syncs and removes a probe file in it;
+    CheckpointWriteError naming the path otherwise (read-only, full, a file in the way)."""
+    probe = os.path.join(directory, f".write-test-{os.getpid()}")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+        os.remove(probe)
+    except OSError as e:
+        raise CheckpointWriteError(f"{directory}: not a writable directory ({e.strerror or e})") from None
+
+
+class _Checkpoints:
+    """Training checkpoints in `<workdir>/checkpoints/<step>/`: Orbax saves (asynchronous or
+    not) followed by a manifest of file digests (convert/manifest.py) once each save has
+    completed; restore takes the newest step that verifies and is finite; retention
+    (`keep_checkpoints`) deletes old steps only once newer ones verified, so the last
+    verified checkpoint is never deleted."""
+
+    def __init__(self, workdir: str, train_cfg, log):
+        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.rejected_directory = os.path.abspath(os.path.join(workdir, "checkpoints_rejected"))
+        self.keep = int(train_cfg.keep_checkpoints) if train_cfg.keep_checkpoints else None  # None: keep all
+        self.log = log
+        self.manager = _checkpoint_manager(self.directory, train_cfg)
+        if not any(isinstance(f, _QuietWriteFailures) for f in logging.getLogger("asyncio").filters):
+            logging.getLogger("asyncio").addFilter(_QuietWriteFailures())
+        self.asynchronous = bool(train_cfg.async_checkpoints)
+        self.pending: list = []     # saved steps whose manifest is not written yet
+        self.verified: list = []    # steps known good (restored, or saved by this run with a manifest)
+
+    def step_directory(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def latest_step(self) -> Optional[int]:
+        return self.manager.latest_step()
+
+    def last_good(self) -> str:
+        return self.step_directory(self.verified[-1]) if self.verified else "none (no checkpoint written yet)"
+
+    def save(self, step: int, state, data_iter, *, force=False) -> bool:
+        """Saves `state` at `step` unless it holds a non-finite value (TrainingError then)."""
+        import grain
+
+        self.finish()
+        bad = _first_nonfinite_leaf(state)
+        if bad is not None:
+            raise TrainingError(f"step {step}: the train state holds non-finite values (first: {bad}); not saved. "
+                                f"Last good checkpoint: {self.last_good()}")
+        args = {"state": ocp.args.StandardSave(state)}
+        if _is_grain_iterator(data_iter):  # one file per process
+            args["data"] = grain.checkpoint.CheckpointSave(data_iter)
+        elif hasattr(data_iter, "get_state"):  # any other checkpointable iterator (single process)
+            args["data_json"] = ocp.args.JsonSave(data_iter.get_state())
+        with self._writing(step):
+            saved = self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+        if saved:
+            self.pending.append(step)
+            if not self.asynchronous:
+                self.finish()
+        return saved
+
+    def finish(self) -> None:
+        """Waits for the saves in flight, writes their manifests, applies retention."""
+        if not self.pending:
+            return
+        from gamma_mod_jax.convert.manifest import write_manifest
+
+        steps, self.pending = self.pending, []  # a failed save is not retried, nor verified
+        with self._writing(steps[-1]):
+            self.manager.wait_until_finished()
+            for step in steps:
+                if jax.process_index() == 0:
+                    write_manifest(self.step_directory(step))
+        self.verified += steps
+        self._apply_retention()
+
+    def _apply_retention(self) -> None:
+        if self.keep is None or not self.verified:
+            return
+        kept = sorted(self.verified)[-self.keep:]
+        for step in self.manager.all_steps():
+            if step < kept[-1] and step not in kept:
+                self.manager.delete(step)
+        self.verified = kept
+
+    @contextlib.contextmanager
+    def _writing(self, step: int):
+        try:
+            yield
+        except Exception as e:
+            cause = _os_error_in(e)
+            if cause is None:
+                raise
+            what, path = cause
+            raise CheckpointWriteError(f"cannot write the checkpoint of step {step} at "
+                                       f"{path or self.step_directory(step)}: {what}; last good checkpoint: "
+                                       f"{self.last_good()}") from None
+
+    def restore_newest(self, abstract_state, data_iter):
+        """(step, state) of the newest checkpoint that verifies, restores and is finite, or
+        (None, None) when there is none. Newer ones that fail are named in the log with the
+        reason and moved to `checkpoints_rejected/` (kept, out of the way of new saves);
+        when every checkpoint fails, CheckpointIntegrityError lists them all."""
+        from gamma_mod_jax.convert.manifest import CheckpointIntegrityError, verify_manifest
+
+        rejected = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            directory = self.step_directory(step)
+            try:
+                unverified = verify_manifest(directory)
+                if unverified:
+                    self.log(f"warning: {unverified}; restoring it unverified")
+                state = _restore(self.manager, step, abstract_state, data_iter, log=self.log)
+                bad = _first_nonfinite_leaf(state)
+                if bad is not None:
+                    raise CheckpointIntegrityError(f"checkpoint {directory}: non-finite values in {bad}")
+            except Exception as e:  # noqa: BLE001 - a bad checkpoint fails in many ways; each is reported
+                reason = str(e).strip().splitlines()[0][:500] if str(e).strip() else type(e).__name__
+                if not isinstance(e, CheckpointIntegrityError):
+                    reason = f"checkpoint {directory}: cannot be restored ({type(e).__name__}: {reason})"
+                self.log(f"skipping {reason}")
+                rejected.append((step, reason))
+                continue
+            self._set_aside([s for s, _ in rejected])
+            if not unverified:
+                self.verified = [step]
+            return step, state
+        if rejected:
+            raise CheckpointIntegrityError(f"no checkpoint in {self.directory} can be restored: "
+                                           + "; ".join(reason for _, reason in rejected))
+        return None, None
+
+    def _set_aside(self, steps) -> None:
+        if not steps:
+            return
+        if jax.process_index() == 0:
+            os.makedirs(self.rejected_directory, exist_ok=True)
+            for step in steps:
+                target = os.path.join(self.rejected_directory, f"{step}-{time.strftime('%Y%m%dT%H%M%S')}")
+                os.rename(self.step_directory(step), target)
+                self.log(f"moved the rejected checkpoint of step {step} to {target}")
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("rejected checkpoints set aside")
+        self.manager.reload()
+
+    def close(self) -> None:
+        try:
+            self.finish()
+        finally:
+            self.manager.close()
 
 
 def _restore(manager, step: int, abstract_state, data_iter, log=print):
@@ -300,8 +505,15 @@ def train(config, workdir: str, *, make_data_iterator: Optional[Callable] = None
     """Runs (or resumes) training in `workdir`; returns a summary dict.
 
     make_data_iterator(config, model_config) -> iterator of numpy batches (a Grain
-    DatasetIterator for checkpointable data); default: gamma_mod_jax.data.pipeline."""
-    os.makedirs(workdir, exist_ok=True)
+    DatasetIterator for checkpointable data); default: gamma_mod_jax.data.pipeline.
+
+    Non-finite steps are skipped on device (train.step); their count in a row is read at
+    log and checkpoint steps only (no host sync per step): once it reached
+    `train.max_nonfinite_in_a_row`, the run stops with TrainingError naming the step where
+    it did, and no checkpoint after that step is written (the last good one is kept)."""
+    checkpoint_dir = os.path.join(workdir, "checkpoints")
+    check_writable(workdir)  # before any model is built: read-only, full, a file in the way
+    check_writable(checkpoint_dir)
     train_cfg, optim_cfg = config.train, config.optim
     lead = jax.process_index() == 0
     info = log if lead else (lambda *_: None)
@@ -310,6 +522,7 @@ def train(config, workdir: str, *, make_data_iterator: Optional[Callable] = None
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     num_updates = int(train_cfg.num_steps)
     accumulation = int(optim_cfg.accumulation_steps)
+    limit = max(int(train_cfg.max_nonfinite_in_a_row), 1)
     tx, schedule, mask = make_optimizer(optim_cfg, params, num_updates)
     trained, total = count_trainable(params, mask)
     info(f"parameters: {trained:,} trained of {total:,}")
@@ -323,27 +536,39 @@ def train(config, workdir: str, *, make_data_iterator: Optional[Callable] = None
         from gamma_mod_jax.data.pipeline import make_train_iterator_from_config as make_data_iterator
     data_iter = make_data_iterator(config, model_cfg)
 
-    manager = _checkpoint_manager(workdir, train_cfg)
+    checkpoints = _Checkpoints(workdir, train_cfg, info)
     start = 0
-    latest = manager.latest_step()
-    if latest is not None:
-        del state  # its buffers are replaced by the restored ones
-        state = runner.from_checkpoint(_restore(manager, latest, runner.abstract_checkpoint(), data_iter, log=info))
-        start = latest
-        if lead:
-            _trim_metrics(workdir, latest)
-        info(f"resumed from {workdir}/checkpoints at step {latest}")
-    save = lambda step_, state_, force=False: _save(manager, step_, runner.to_checkpoint(state_), data_iter,
-                                                    force=force)
+    if checkpoints.latest_step() is not None:
+        latest, restored = checkpoints.restore_newest(runner.abstract_checkpoint(), data_iter)
+        if latest is not None:
+            del state  # its buffers are replaced by the restored ones
+            state = runner.from_checkpoint(restored)
+            del restored
+            start = latest
+            if lead:
+                _trim_metrics(workdir, latest)
+            info(f"resumed from {checkpoints.step_directory(latest)}")
+    save = lambda step_, state_, force=False: checkpoints.save(step_, runner.to_checkpoint(state_), data_iter,
+                                                               force=force)
 
     stop = {"signal": None}
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
     writer = MetricsWriter(workdir, total_steps=num_updates, initial_step=start,
                            enabled=lead, tensorboard=train_cfg.tensorboard,
                            progress=train_cfg.progress_bar)
+    window = _Window(runner.to_host)
+
+    def check_nonfinite_limit():
+        hit = window.first_step_at_limit(limit)
+        if hit is not None:
+            checkpoints.finish()
+            unit = "micro-batches" if accumulation > 1 else "steps"
+            raise TrainingError(f"{limit} non-finite {unit} in a row (train.max_nonfinite_in_a_row) at step {hit}: "
+                                f"updates skipped, nothing saved after it; last good checkpoint: "
+                                f"{checkpoints.last_good()}. Lower the learning rate or check the data")
+
     step, status = start, "finished"
     try:
-        window = _Window(runner.to_host)
         while step < num_updates:
             tic = time.perf_counter()
             for _ in range(accumulation):
@@ -355,63 +580,79 @@ def train(config, workdir: str, *, make_data_iterator: Optional[Callable] = None
                     status = "data exhausted"
                     break
                 state, metrics = runner.step(state, batch)
-                window.add(metrics)
+                window.add(metrics, step + 1)
             if status != "finished":
                 break
             step += 1
-            run = int(_host_value(state.nonfinite_run).reshape(-1)[0])
-            if step % train_cfg.log_every == 0 or step == num_updates or run:
+            if step % train_cfg.log_every == 0 or step == num_updates:
                 summary = window.summary(time.perf_counter() - tic, accumulation)
                 summary.update(learning_rate=float(schedule(step - 1)),
                                nonfinite_total=int(_host_value(state.nonfinite_total).reshape(-1)[0]))
                 summary.update(_data_stats(data_iter))
                 writer.write(step, summary)
+                check_nonfinite_limit()
             writer.advance()
-            if run > train_cfg.max_nonfinite_in_a_row:
-                save(step, state, force=True)
-                manager.wait_until_finished()
-                raise TrainingError(f"{run} non-finite losses or gradients in a row (limit "
-                                    f"{train_cfg.max_nonfinite_in_a_row}) at step {step}; saved a checkpoint at "
-                                    f"step {step}; lower the learning rate or check the data")
             if step % train_cfg.checkpoint_every == 0:
+                check_nonfinite_limit()
                 save(step, state)
             if not _all_processes(stop["signal"] is None)[0]:  # SIGTERM on any process stops all
                 status = "stopped by SIGTERM"
                 break
-        if manager.latest_step() != step and step > start:
+        check_nonfinite_limit()
+        if status == "data exhausted" and step == 0:
+            raise TrainingError(f"the data yielded no batch for a first step; data counts: "
+                                f"{_data_stats(data_iter) or 'none reported'}")
+        if checkpoints.latest_step() != step and step > start:
             save(step, state, force=True)
-    except TrainingError:
+        checkpoints.finish()
+    except (TrainingError, CheckpointWriteError):
         raise
     except BaseException:
         # Save what was reached before the failure (unless the state itself is gone). Not
         # with several processes: the others are not saving, and a save needs all of them.
-        if step > start and manager.latest_step() != step and jax.process_count() == 1:
+        if step > start and checkpoints.latest_step() != step and jax.process_count() == 1:
             try:
+                check_nonfinite_limit()
                 save(step, state, force=True)
+                checkpoints.finish()
                 writer.message(f"saved a checkpoint at step {step} before stopping")
             except Exception:  # the state's buffers may have been donated to the failed step
                 pass
         raise
     finally:
-        manager.wait_until_finished()
-        manager.close()
-        writer.close()
-        signal.signal(signal.SIGTERM, previous)
-    info(f"{status} at step {step}; checkpoints in {workdir}/checkpoints")
+        try:
+            checkpoints.close()
+        finally:
+            writer.close()
+            signal.signal(signal.SIGTERM, previous)
+    info(f"{status} at step {step}; checkpoints in {checkpoint_dir}")
     state = runner.to_checkpoint(state)
     return {"status": status, "step": step, "nonfinite_total": int(_host_value(state.nonfinite_total)),
             "state": state, "graphdef": graphdef, "rest": rest}
 
 
 class _Window:
-    """Host-side mean of micro-batch metrics since the last log line."""
+    """Host-side mean of micro-batch metrics since the last log line, and the non-finite
+    counts in a row since the last limit check (device values until then)."""
 
     def __init__(self, to_host):
         self.items = []
+        self.runs = []  # (update step, nonfinite_run after the micro-batch)
         self.to_host = to_host
 
-    def add(self, metrics):
+    def add(self, metrics, step: int):
         self.items.append(metrics)
+        self.runs.append((step, metrics["nonfinite_run"]))
+
+    def first_step_at_limit(self, limit: int) -> Optional[int]:
+        """The first update step since the last call whose count of non-finite micro-batches
+        in a row reached `limit`, or None."""
+        runs, self.runs = self.runs, []
+        values = self.to_host([run for _, run in runs])
+        for (step, _), value in zip(runs, values):
+            if int(np.asarray(value).reshape(-1)[0]) >= limit:
+                return step
+        return None
 
     def summary(self, seconds: float, accumulation: int) -> dict:
         host = [self.to_host(m) for m in self.items]
@@ -424,6 +665,7 @@ class _Window:
         out["step_time"] = seconds
         out["tokens_per_sec"] = tokens / max(seconds, 1e-9)
         out["finite"] = bool(np.all([m["finite"] for m in host]))
+        out["nonfinite_run"] = int(np.asarray(host[-1]["nonfinite_run"]).reshape(-1)[0])
         return out
 
 

@@ -35,13 +35,14 @@ def test_json_list_and_json_lines_give_the_same_records(tmp_path, indent):
                               "/imgs")
     assert (listed.format, lines.format) == ("json", "jsonl")
     assert len(listed) == len(lines) == 3
-    for i in range(3):
+    for i in range(2):
         assert listed[i]["conversations"] == lines[i]["conversations"] == RECORDS[i]["conversations"]
+    assert listed[2]["error"] == lines[2]["error"]  # /abs/2.png leaves /imgs
     assert [listed[i]["id"] for i in range(3)] == ["a", "7", "#2"]
     assert [lines[i]["id"] for i in range(3)] == ["a", "7", "line 3"]  # no id: the line number
     assert listed[0]["image"] == os.path.join("/imgs", "x/1.png")
     assert listed[1]["image"] is None  # text only
-    assert listed[2]["image"] == "/abs/2.png"  # absolute paths stay
+    assert listed[2]["error"][0] == S.IMAGE_OUTSIDE_DIR  # an absolute path outside /imgs
     with pytest.raises(IndexError):
         listed[3]
 
@@ -104,8 +105,9 @@ def test_source_pickles_small_and_reads_after_unpickling(tmp_path):
 
 
 def test_record_list_source():
-    src = S.RecordListSource(RECORDS, image_dir="/imgs", name="mem")
+    src = S.RecordListSource(RECORDS, image_dir="/imgs", name="mem", allow_paths_outside_image_dir=True)
     assert len(src) == 3 and src[0]["image"] == "/imgs/x/1.png" and src[2]["id"] == "#2"
+    assert src[2]["image"] == "/abs/2.png"  # allowed: absolute paths stay
     src[0]["id"] = "changed"
     assert src[0]["id"] == "a"  # callers get copies
 
@@ -177,3 +179,45 @@ def test_tfds_builds_and_reads_without_tensorflow(tmp_path):
 
     with pytest.raises(ValueError, match="cannot be read"):
         S.TfdsSource("easy_vqa", split="test", data_dir=str(tmp_path / "nothing"))
+
+
+def test_deeply_nested_json_is_a_counted_bad_record_not_a_crash(tmp_path):
+    good = json.dumps(RECORDS[0])
+    lines = [good, "[" * 100_000, good, "[" * 50_000 + "]" * 50_000]  # unclosed; closed but too deep
+    src = S.LlavaJsonSource(_write_lines(tmp_path / "d.jsonl", lines), None)
+    assert [src[i].get("error", (None,))[0] for i in range(len(src))] == [None, S.BAD_JSON, None, S.BAD_JSON]
+    assert src[1]["id"] == "line 2" and "nested too deeply" in src[1]["error"][1]
+    listed = _write_raw(tmp_path / "l.json", "[" + good + ", " + "[" * 50_000 + "]" * 50_000 + "]")
+    with pytest.raises(ValueError, match="nested too deeply") as err:
+        S.LlavaJsonSource(str(listed), None)
+    assert str(listed) in str(err.value)
+
+
+def _write_raw(path, text):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-32"])
+def test_utf16_and_utf32_files_raise_naming_the_file(tmp_path, encoding):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in RECORDS) + "\n", encoding=encoding)
+    with pytest.raises(ValueError, match="not UTF-8") as err:
+        S.LlavaJsonSource(str(path), None)
+    assert str(path) in str(err.value)
+
+
+def test_image_paths_stay_inside_image_dir(tmp_path):
+    turns = RECORDS[0]["conversations"]
+    paths = ["a.png", "sub/../b.png", "../secret.png", "sub/../../secret.png", "/etc/passwd", str(tmp_path / "imgs/c.png")]
+    items = [{"id": f"r{i}", "image": p, "conversations": turns} for i, p in enumerate(paths)]
+    image_dir = str(tmp_path / "imgs")
+    src = S.LlavaJsonSource(_write_json(tmp_path / "d.json", items), image_dir)
+    got = [src[i]["image"] if "error" not in src[i] else src[i]["error"][0] for i in range(len(src))]
+    assert got == [f"{image_dir}/a.png", f"{image_dir}/b.png", S.IMAGE_OUTSIDE_DIR, S.IMAGE_OUTSIDE_DIR,
+                   S.IMAGE_OUTSIDE_DIR, f"{image_dir}/c.png"]
+    assert "../secret.png" in src[2]["error"][1] and "allow_paths_outside_image_dir" in src[2]["error"][1]
+    allowed = S.LlavaJsonSource(str(tmp_path / "d.json"), image_dir, allow_paths_outside_image_dir=True)
+    assert [allowed[i]["image"] for i in range(len(allowed))] == [
+        f"{image_dir}/a.png", f"{image_dir}/b.png", str(tmp_path / "secret.png"), str(tmp_path / "secret.png"),
+        "/etc/passwd", f"{image_dir}/c.png"]

@@ -150,17 +150,19 @@ def test_gradient_accumulation_equals_the_large_batch(tmp_path):
         np.testing.assert_allclose(accumulated, large, rtol=1e-3, atol=1e-7)
 
 
-def test_nonfinite_steps_are_skipped_then_stop_with_a_checkpoint(tmp_path):
-    # batch 1: example order is shuffled, so poison every example after the first few steps
-    config = tiny_config(num_steps=8, checkpoint_every=100, max_nonfinite_in_a_row=2)
+def test_nonfinite_steps_are_skipped_then_stop_at_exactly_the_limit(tmp_path):
+    # batch 1: example order is shuffled, so poison every example after the first two steps:
+    # steps 3 and 4 are non-finite, the limit of 2 is reached at step 4, before its checkpoint
+    config = tiny_config(num_steps=8, checkpoint_every=2, max_nonfinite_in_a_row=2)
     order = list(grain.MapDataset.range(64).shuffle(seed=0))
     poison = set(int(i) for i in order[2:])
-    with pytest.raises(TrainingError, match="non-finite"):
+    with pytest.raises(TrainingError, match="2 non-finite steps in a row .* at step 4.*checkpoints/2"):
         train(config, str(tmp_path), make_data_iterator=synthetic_iterator(1, poison=poison), log=lambda *_: None)
     records = read_metrics(tmp_path)
-    assert records[-1]["nonfinite_total"] == 3
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert records[-1]["nonfinite_total"] == 2
     assert records[1]["finite"] is True and records[2]["finite"] is False
-    assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [5]
+    assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [2]
 
 
 def terminating_iterator(make_inner, at_draw):
