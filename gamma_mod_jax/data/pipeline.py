@@ -45,9 +45,11 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import logging
 import os
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
+import sys
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import grain
 import ml_collections
@@ -85,7 +87,11 @@ def data_config_defaults() -> ml_collections.ConfigDict:
     c.truncation = "drop"              # over-long examples: "drop" | "truncate_right"
     c.move_image_to_front = False
     c.image_size = p(int)              # the model's input_image_size (make_train_iterator's argument wins)
-    c.batch_size = 8                   # per process
+    c.batch_size = 8                   # per process (global batch: batch_size x processes)
+    c.global_batch_size = p(int)       # the plan's global batch (None: batch_size x processes); when set, each
+                                       # process gets global_batch_size / processes rows (batch_size unused)
+    c.group_by_modality = False        # LLaVA's group_by_modality_length: batches all with or all without image
+    c.length_index_dir = p(str)        # where the per-record length index is cached (None: beside json_path)
     c.shuffle_seed = p(int)            # None: make_train_iterator's seed
     c.num_epochs = p(int)              # None: repeat forever
     c.worker_count = 0                 # 0: in the training process
@@ -98,7 +104,8 @@ def data_config_defaults() -> ml_collections.ConfigDict:
     return c
 
 
-_UNSET_IF_EMPTY = ("json_path", "image_dir", "tfds_name", "tfds_data_dir", "tokenizer_path", "image_size")
+_UNSET_IF_EMPTY = ("json_path", "image_dir", "tfds_name", "tfds_data_dir", "tokenizer_path", "image_size",
+                   "global_batch_size", "length_index_dir")
 
 
 def _cfg(data_cfg) -> ml_collections.ConfigDict:
@@ -281,11 +288,15 @@ def pick_bucket(length: int, buckets: Sequence[int]) -> int:
     raise ValueError(f"length {length} exceeds the largest bucket {buckets[-1]}")
 
 
-def collate(examples: Sequence[Dict[str, Any]], *, batch_size: int, buckets: Sequence[int], image_size: int,
+def collate(examples: Sequence[Optional[Dict[str, Any]]], *, batch_size: int, image_size: int,
+            buckets: Optional[Sequence[int]] = None, length: Optional[int] = None,
             pad_token_id: int = 0) -> Dict[str, np.ndarray]:
-    """Encoded examples -> one right-padded batch of `batch_size` rows (filler rows
-    valid=0) at the smallest bucket that fits the longest example."""
-    t = pick_bucket(max(len(e["input_ids"]) for e in examples), buckets)
+    """Encoded examples -> one right-padded batch of `batch_size` rows at text length
+    `length` (None: the smallest of `buckets` that fits the longest example). A None
+    example, and every row after the last example, is a padding row: valid 0, no
+    attended token, all labels -100."""
+    real = [e for e in examples if e is not None]
+    t = length if length is not None else pick_bucket(max(len(e["input_ids"]) for e in real), buckets)
     b = batch_size
     out = {"input_ids": np.full((b, t), pad_token_id, np.int32),
            "attention_mask": np.zeros((b, t), np.int32),
@@ -294,7 +305,11 @@ def collate(examples: Sequence[Dict[str, Any]], *, batch_size: int, buckets: Seq
            "pixel_values": np.zeros((b, image_size, image_size, 3), np.float32),
            "valid": np.zeros((b,), np.int32)}
     for i, e in enumerate(examples):
+        if e is None:
+            continue
         n = len(e["input_ids"])
+        if n > t:
+            raise ValueError(f"record {e.get('_id', '?')}: {n} tokens do not fit the batch's length {t}")
         out["input_ids"][i, :n] = e["input_ids"]
         out["attention_mask"][i, :n] = 1
         out["labels"][i, :n] = e["labels"]
@@ -305,70 +320,351 @@ def collate(examples: Sequence[Dict[str, Any]], *, batch_size: int, buckets: Seq
     return out
 
 
-class _BucketBatchDataset(grain.IterDataset):
-    """Batches good examples, skipping markers; each batch carries the events (skips and
-    truncations) met since the previous batch under "_events" and its ids under "_ids"."""
-
-    def __init__(self, parent, *, batch_size, buckets, image_size, pad_token_id, drop_remainder,
-                 max_consecutive_skips):
-        super().__init__(parent)
-        self.batch_size, self.buckets, self.image_size = batch_size, tuple(buckets), image_size
-        self.pad_token_id, self.drop_remainder = pad_token_id, drop_remainder
-        self.max_consecutive_skips = max_consecutive_skips
-
-    def __iter__(self):
-        return _BucketBatchIterator(self._parent.__iter__(), self)
-
-    def __str__(self):
-        return f"BucketBatch(batch_size={self.batch_size}, buckets={self.buckets})"
+# ----------------------------------------------------------------------------- the global batch plan
+#
+# Every process derives the same sequence of global batches from the record lengths, the
+# seed and the global batch size alone (BatchPlan), and encodes only its own rows of each
+# (_PlannedBatchEncoder). Shapes therefore agree across processes without any
+# communication, and the order does not depend on the process count, the mesh or the
+# number of worker processes.
 
 
-class _BucketBatchIterator(grain.DatasetIterator):
+def record_text_length(record: Mapping[str, Any], tokenizer, *, template: str = "vicuna_v1",
+                       image_token_index: int = IMAGE_TOKEN_INDEX, move_image_to_front: bool = False):
+    """(text length, None) of a raw record as the map step will encode it (the image
+    placeholder counts 1; before truncation), or (-1, (reason, message)) for a record the
+    plan leaves out: the source's error, no assistant turn, a conversation the encoder
+    refuses, an image file that does not exist (or was not stored). Reads no image."""
+    from gamma_mod_jax.data import conversation as conv
 
-    def __init__(self, parent, ds: _BucketBatchDataset):
-        super().__init__(parent)
-        self._ds = ds
-        self._skips_in_a_row = 0
+    rid = str(record.get("id", "?"))
+    if record.get("error"):
+        return -1, tuple(record["error"])
+    if not _has_assistant_turn(record["conversations"]):
+        return -1, (src_lib.NO_ASSISTANT_TURN, f"record {rid} has no non-empty assistant ('gpt') turn")
+    if move_image_to_front:
+        record = conv.move_image_to_front(record)
+    has_image = record.get("image") is not None
+    try:
+        enc = conv.encode_conversation(record["conversations"], tokenizer, has_image=has_image,
+                                       image_token_index=image_token_index, template=template)
+    except Exception as e:  # BadRecord, or a tokenizer failing on odd text
+        message = str(e) if isinstance(e, conv.BadRecord) else f"{type(e).__name__}: {e}"
+        return -1, (src_lib.BAD_CONVERSATION, f"record {rid}: {message}")
+    if has_image:
+        path = record["image"]
+        if "image_bytes" in record:
+            if np.asarray(record["image_bytes"]).size == 0:
+                return -1, (src_lib.MISSING_IMAGE, f"image {path} was missing when the dataset was built")
+        elif not os.path.isfile(path):
+            return -1, (src_lib.MISSING_IMAGE, f"image file {path} not found")
+    return len(enc["input_ids"]), None
 
-    def __next__(self):
-        ds = self._ds
-        rows: List[Dict[str, Any]] = []
-        events: List[List[str]] = []
-        while len(rows) < ds.batch_size:
-            try:
-                ex = next(self._parent)
-            except StopIteration:
-                if rows and not ds.drop_remainder:
-                    break
-                raise
+
+@dataclasses.dataclass
+class LengthIndex:
+    """Per record of a source: `lengths` int32 [n] (text length, -1 for a record left
+    out), `has_image` bool [n], `ids` (record ids) and `problems` {index: (reason,
+    message)} of the records left out."""
+    lengths: np.ndarray
+    has_image: np.ndarray
+    ids: List[str]
+    problems: Dict[int, Tuple[str, str]]
+
+
+def _tokenizer_fingerprint(tokenizer) -> str:
+    import hashlib
+
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    digest = hashlib.sha1(json.dumps(sorted(vocab.items())).encode()).hexdigest()
+    return f"{type(tokenizer).__name__}:{len(vocab)}:{digest}"
+
+
+def _length_index_path(cfg, source, n: int, tokenizer) -> Optional[str]:
+    """Where the index of this source, encoding and tokenizer is cached: data.length_index_dir,
+    else beside a LLaVA JSON file; None for in-memory sources (built each time)."""
+    import hashlib
+
+    data_file = getattr(source, "json_path", None)
+    folder = cfg.length_index_dir or (os.path.dirname(os.path.abspath(data_file)) if data_file else None)
+    if folder is None:
+        return None
+    stat = os.stat(data_file) if data_file else None
+    key = json.dumps([repr(source), data_file, stat and stat.st_size, stat and stat.st_mtime_ns,
+                      getattr(source, "image_dir", None), n, _tokenizer_fingerprint(tokenizer), cfg.template,
+                      int(cfg.image_token_index), bool(cfg.move_image_to_front)])
+    name = os.path.basename(data_file) if data_file else "source"
+    return os.path.join(folder, f"{name}.lengths-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npz")
+
+
+def build_length_index(source, n: int, tokenizer, cfg, log_every: int = 100_000) -> LengthIndex:
+    """The text length of each of the first n records of `source` (record_text_length)."""
+    lengths = np.full((n,), -1, np.int32)
+    has_image = np.zeros((n,), bool)
+    ids: List[str] = []
+    problems: Dict[int, Tuple[str, str]] = {}
+    for i in range(n):
+        record = source[i]
+        ids.append(str(record.get("id", i)))
+        has_image[i] = record.get("image") is not None
+        lengths[i], problem = record_text_length(record, tokenizer, template=cfg.template,
+                                                 image_token_index=int(cfg.image_token_index),
+                                                 move_image_to_front=bool(cfg.move_image_to_front))
+        if problem is not None:
+            problems[i] = (str(problem[0]), str(problem[1]))
+        if log_every and (i + 1) % log_every == 0:
+            log.info("length index: %d of %d records", i + 1, n)
+    return LengthIndex(lengths, has_image, ids, problems)
+
+
+def length_index(source, n: int, tokenizer, cfg) -> LengthIndex:
+    """build_length_index, cached in an .npz file (see _length_index_path) that is
+    written once (atomically) and read by every later run and process."""
+    path = _length_index_path(cfg, source, n, tokenizer)
+    if path and os.path.isfile(path):
+        with np.load(path) as f:
+            problems = {int(k): (r, m) for k, (r, m) in json.loads(str(f["problems"])).items()}
+            return LengthIndex(f["lengths"], f["has_image"], json.loads(str(f["ids"])), problems)
+    index = build_length_index(source, n, tokenizer, cfg)
+    if path:
+        tmp = f"{path}.{os.getpid()}.tmp.npz"
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            np.savez(tmp, lengths=index.lengths, has_image=index.has_image, ids=json.dumps(index.ids),
+                     problems=json.dumps({str(k): v for k, v in index.problems.items()}))
+            os.replace(tmp, path)
+        except OSError as e:  # a read-only data folder: rebuilt next time
+            log.warning("could not cache the length index at %s (%s); set data.length_index_dir", path, e)
+    return index
+
+
+class BatchPlan:
+    """The run's sequence of global batches, the same in every process.
+
+    Epoch e shuffles the usable records with seed (seed, e) and cuts them into global
+    batches of `global_batch_size` (drop_remainder: a last partial batch is dropped,
+    otherwise it is filled with padding rows, index -1). group_by_modality (LLaVA's
+    `group_by_modality_length`): records with and without an image are shuffled and cut
+    separately, the full batches of both kinds shuffled together, the two remainders
+    merged into one last batch. A batch's text length is the smallest bucket holding
+    its longest example (over-long examples: the largest bucket, truncated by the map
+    step; with truncation "drop" they are left out of the plan)."""
+
+    def __init__(self, index: LengthIndex, *, global_batch_size: int, buckets: Sequence[int], seed: int,
+                 num_epochs: Optional[int], drop_remainder: bool, truncation: str = "drop",
+                 group_by_modality: bool = False):
+        self.buckets = tuple(int(b) for b in buckets)
+        self.global_batch_size, self.seed = int(global_batch_size), int(seed)
+        self.num_epochs, self.drop_remainder = num_epochs, bool(drop_remainder)
+        self.group_by_modality = bool(group_by_modality)
+        self.has_image, self.ids = index.has_image, index.ids
+        lengths = np.asarray(index.lengths, np.int64)
+        self.problems = dict(index.problems)
+        if truncation == "drop":
+            for i in np.flatnonzero(lengths > self.buckets[-1]):
+                self.problems[int(i)] = (src_lib.OVER_LONG, f"record {self.ids[i]}: {lengths[i]} tokens > "
+                                                            f"{self.buckets[-1]}")
+                lengths[i] = -1
+        self.lengths = np.minimum(lengths, self.buckets[-1])  # truncate_right cuts to the largest bucket
+        self.usable = np.flatnonzero(self.lengths >= 0)
+        n, g = len(self.usable), self.global_batch_size
+        if self.group_by_modality:
+            kinds = [int(self.has_image[self.usable].sum()), int((~self.has_image[self.usable]).sum())]
+            rest = sum(k % g for k in kinds)
+            self.batches_per_epoch = sum(k // g for k in kinds) + (0 if self.drop_remainder else -(-rest // g))
+        else:
+            self.batches_per_epoch = n // g if self.drop_remainder else -(-n // g)
+        # Plan-phase skips in source order: reported once per epoch, with its first batch.
+        self.epoch_events = [[reason, self.ids[i], message] for i, (reason, message) in sorted(self.problems.items())]
+        self._cache: Dict[int, Tuple[np.ndarray, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        if self.num_epochs is not None:
+            return self.batches_per_epoch * int(self.num_epochs)
+        if self.batches_per_epoch == 0:
+            raise RuntimeError(f"{len(self.usable)} usable records of {len(self.lengths)}, fewer than one global "
+                               f"batch of {self.global_batch_size}: the data or its configuration is broken "
+                               f"(skipped: {sorted({r for r, _ in self.problems.values()})})")
+        return sys.maxsize
+
+    def epoch(self, e: int) -> Tuple[np.ndarray, np.ndarray]:
+        """(record indices int64 [batches, global_batch_size] with -1 for padding rows,
+        text lengths [batches]) of epoch e."""
+        if e not in self._cache:
+            if len(self._cache) > 2:
+                self._cache.pop(min(self._cache))
+            self._cache[e] = self._make_epoch(e)
+        return self._cache[e]
+
+    def _cut(self, order: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        g = self.global_batch_size
+        full = len(order) // g
+        return order[: full * g].reshape(full, g), order[full * g:]
+
+    def _make_epoch(self, e: int) -> Tuple[np.ndarray, np.ndarray]:
+        g = self.global_batch_size
+        rng = np.random.default_rng([self.seed, e])
+        if self.group_by_modality:
+            parts = [self.usable[self.has_image[self.usable]], self.usable[~self.has_image[self.usable]]]
+            cuts = [self._cut(rng.permutation(p)) for p in parts]
+            batches = np.concatenate([c[0] for c in cuts])[rng.permutation(sum(len(c[0]) for c in cuts))]
+            rest = np.sort(np.concatenate([c[1] for c in cuts]))
+        else:
+            batches, rest = self._cut(rng.permutation(self.usable))
+        batches = batches.reshape(-1, g)
+        if not self.drop_remainder and len(rest):
+            rest = np.pad(rest, (0, -len(rest) % g), constant_values=-1).reshape(-1, g)
+            batches = np.concatenate([batches, rest])
+        lengths = np.where(batches >= 0, self.lengths[np.maximum(batches, 0)], 0).max(axis=1, initial=0)
+        bucket_of = np.asarray(self.buckets)[np.searchsorted(self.buckets, np.maximum(lengths, 1))]
+        return batches, bucket_of
+
+    def batch(self, k: int) -> Tuple[int, int, np.ndarray, int]:
+        """(epoch, batch within the epoch, record indices [global_batch_size], text length)
+        of global batch k."""
+        e, j = divmod(int(k), self.batches_per_epoch)
+        rows, bucket_of = self.epoch(e)
+        return e, j, rows[j], int(bucket_of[j])
+
+
+class _PlannedBatchEncoder:
+    """Grain map step: global batch number -> this process's rows of it, encoded and
+    collated at the plan's length. Rows whose record fails to encode here (an image that
+    does not decode, an over-long conversation whose truncation keeps no answer) become
+    padding rows (valid 0, after the rows that encode), so the global shape still agrees
+    with every other process; the skip is counted by this process."""
+
+    def __init__(self, plan: BatchPlan, source, encoder: ExampleEncoder, *, process_index: int,
+                 process_count: int, image_size: int, pad_token_id: int):
+        self.plan, self.source, self.encoder = plan, source, encoder
+        self.rows_per_process = plan.global_batch_size // process_count
+        self.first_row = process_index * self.rows_per_process
+        self.image_size, self.pad_token_id = image_size, pad_token_id
+
+    def __call__(self, k: int) -> Dict[str, Any]:
+        plan = self.plan
+        _, j, rows, length = plan.batch(k)
+        events: List[List[str]] = [list(ev) for ev in plan.epoch_events] if j == 0 else []
+        examples: List[Dict[str, Any]] = []  # the rows that encode; padding rows follow them
+        skipped = 0
+        for i in rows[self.first_row: self.first_row + self.rows_per_process]:
+            if i < 0:
+                continue
+            ex = self.encoder(self.source[int(i)])
             if "_skip" in ex:
                 events.append([ex["_skip"], ex["_id"], ex["_message"]])
-                self._skips_in_a_row += 1
-                if self._skips_in_a_row >= ds.max_consecutive_skips:
-                    reasons = sorted({e[0] for e in events})
-                    raise RuntimeError(f"{self._skips_in_a_row} bad records in a row (reasons {reasons}; last: "
-                                       f"{ex['_message']}): the data or its configuration is broken")
+                skipped += 1
                 continue
-            self._skips_in_a_row = 0
             if ex["_truncated"]:
-                events.append([src_lib.TRUNCATED, ex["_id"], f"record {ex['_id']} truncated to {len(ex['input_ids'])} tokens"])
-            rows.append(ex)
-        batch = collate(rows, batch_size=ds.batch_size, buckets=ds.buckets, image_size=ds.image_size,
-                        pad_token_id=ds.pad_token_id)
+                events.append([src_lib.TRUNCATED, ex["_id"],
+                               f"record {ex['_id']} truncated to {len(ex['input_ids'])} tokens"])
+            if len(ex["input_ids"]) != plan.lengths[i]:
+                raise RuntimeError(f"record {ex['_id']} encodes to {len(ex['input_ids'])} tokens, its length "
+                                   f"index says {plan.lengths[i]}: the index is stale (delete the data's "
+                                   f"*.lengths-*.npz file)")
+            examples.append(ex)
+        batch = collate(examples, batch_size=self.rows_per_process, length=length, image_size=self.image_size,
+                        pad_token_id=self.pad_token_id)
+        real = np.where(rows >= 0, plan.lengths[np.maximum(rows, 0)], 0)
         batch["_events"] = events
-        batch["_ids"] = [r["_id"] for r in rows]
+        batch["_ids"] = [e["_id"] for e in examples]
+        batch["_plan"] = {"global_batch": int(k), "skipped_rows": skipped, "real_tokens": int(real.sum()),
+                          "computed_tokens": int(len(rows) * length)}
         return batch
 
-    def get_state(self):
-        # No example is held between batches: the parent's position is the whole state.
-        return self._parent.get_state()
 
-    def set_state(self, state):
-        self._parent.set_state(state)
-        self._skips_in_a_row = 0
+class _PlannedBatchDataset(grain.IterDataset):
+    """The plan's global batches from any position, this process's rows of each: a Grain
+    MapDataset over batch numbers (map: _PlannedBatchEncoder), read by threads and
+    optionally worker processes (each worker encodes whole batches, kept in order)."""
+
+    def __init__(self, encoder: _PlannedBatchEncoder, *, read_options, worker_count: int, worker_buffer_size: int,
+                 max_consecutive_skips: int):
+        super().__init__()
+        self.encoder, self.read_options = encoder, read_options
+        self.worker_count, self.worker_buffer_size = worker_count, worker_buffer_size
+        self.max_consecutive_skips = max_consecutive_skips
+
+    def batches_from(self, k: int) -> grain.DatasetIterator:
+        ds = grain.MapDataset.range(k, len(self.encoder.plan)).map(self.encoder).to_iter_dataset(self.read_options)
+        if self.worker_count > 0:
+            _ensure_absl_flags_parsed()
+            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.worker_count,
+                                                             per_worker_buffer_size=self.worker_buffer_size))
+        return ds.__iter__()
+
+    def __iter__(self):
+        return _PlannedBatchIterator(self)
 
     def __str__(self):
-        return "BucketBatchIterator"
+        plan = self.encoder.plan
+        return f"PlannedBatches(global_batch_size={plan.global_batch_size}, buckets={plan.buckets})"
+
+
+class _PlannedBatchIterator(grain.DatasetIterator):
+    """Its state is the number of global batches served and the padding counters: the
+    same in every process, so it restores onto any process count or worker count."""
+
+    def __init__(self, ds: _PlannedBatchDataset):
+        super().__init__()
+        self._ds = ds
+        self._it: Optional[grain.DatasetIterator] = None
+        self._next = 0
+        self._real_tokens = self._computed_tokens = 0
+        self._skips_in_a_row = 0
+        self.last_length = 0
+
+    def __next__(self):
+        if self._it is None:
+            self._it = self._ds.batches_from(self._next)
+        batch = next(self._it)
+        info = batch.pop("_plan")
+        if info["global_batch"] != self._next:
+            raise RuntimeError(f"the pipeline served global batch {info['global_batch']}, expected {self._next}")
+        self._next += 1
+        self._real_tokens += info["real_tokens"]
+        self._computed_tokens += info["computed_tokens"]
+        self.last_length = int(batch["input_ids"].shape[1])
+        if info["skipped_rows"] and not batch["valid"].any():
+            self._skips_in_a_row += info["skipped_rows"]
+            if self._skips_in_a_row >= self._ds.max_consecutive_skips:
+                reasons = sorted({e[0] for e in batch["_events"]})
+                raise RuntimeError(f"{self._skips_in_a_row} bad records in a row (reasons {reasons}; last: "
+                                   f"{batch['_events'][-1][2]}): the data or its configuration is broken")
+        elif batch["valid"].any():
+            self._skips_in_a_row = 0
+        return batch
+
+    def stats(self) -> Dict[str, float]:
+        """global_batches, padding_efficiency (real / computed text tokens over all global
+        batches so far, from the plan's lengths), length (the last batch's text length)."""
+        return {"global_batches": self._next, "length": self.last_length,
+                "padding_efficiency": self._real_tokens / max(self._computed_tokens, 1)}
+
+    def get_state(self):
+        return {"global_batch": self._next, "real_tokens": self._real_tokens,
+                "computed_tokens": self._computed_tokens}
+
+    def set_state(self, state):
+        if "global_batch" not in state:
+            raise ValueError(f"data-iterator state {sorted(state)} is not a batch-plan position (saved by an "
+                             f"older version of the pipeline?)")
+        self._close_batches()
+        self._next = int(state["global_batch"])
+        self._real_tokens, self._computed_tokens = int(state["real_tokens"]), int(state["computed_tokens"])
+        self._skips_in_a_row = 0
+
+    def _close_batches(self):
+        if self._it is not None:
+            self._it.close()
+        self._it = None
+
+    def close(self):
+        self._close_batches()
+        super().close()
+
+    def __str__(self):
+        return "PlannedBatchIterator"
 
 
 # ----------------------------------------------------------------------------- bad-record log
@@ -458,6 +754,7 @@ class PipelineIterator(grain.DatasetIterator):
                "truncated": self.bad_records.counts.get(src_lib.TRUNCATED, 0)}
         for reason in src_lib.SKIP_REASONS:
             out[f"skipped_{reason}"] = self.bad_records.counts.get(reason, 0)
+        out.update(self._parent.stats())  # the batch plan's: padding_efficiency, length, global_batches
         return out
 
     def get_state(self) -> Dict[str, Any]:
@@ -507,6 +804,29 @@ def _ensure_absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+def global_batch_size(data_cfg, process_count: int) -> int:
+    """The plan's global batch: data.global_batch_size, else data.batch_size x processes."""
+    cfg = _cfg(data_cfg)
+    size = int(cfg.global_batch_size or int(cfg.batch_size) * int(process_count))
+    if size % int(process_count):
+        raise ValueError(f"data.global_batch_size {size} is not divisible by the {process_count} processes")
+    return size
+
+
+def make_batch_plan(data_cfg, *, tokenizer=None, seed: int = 0, process_count: int = 1, source=None) -> BatchPlan:
+    """The global batch plan of a data config (the same on every process): lengths from
+    the (cached) length index, global batch size from `global_batch_size`."""
+    cfg = _cfg(data_cfg)
+    tokenizer = _tokenizer(cfg, tokenizer)
+    source = make_source(cfg) if source is None else source
+    n = len(source) if cfg.max_records is None else min(len(source), int(cfg.max_records))
+    shuffle_seed = int(cfg.shuffle_seed if cfg.shuffle_seed is not None else seed) % (2 ** 32)
+    return BatchPlan(length_index(source, n, tokenizer, cfg), global_batch_size=global_batch_size(cfg, process_count),
+                     buckets=cfg.buckets, seed=shuffle_seed, num_epochs=cfg.num_epochs,
+                     drop_remainder=bool(cfg.drop_remainder), truncation=cfg.truncation,
+                     group_by_modality=bool(cfg.group_by_modality))
+
+
 def make_train_dataset(data_cfg, *, tokenizer=None, image_size: Optional[int] = None, seed: int = 0,
                        process_index: Optional[int] = None, process_count: Optional[int] = None,
                        source=None) -> grain.IterDataset:
@@ -522,26 +842,17 @@ def make_train_dataset(data_cfg, *, tokenizer=None, image_size: Optional[int] = 
     if not 0 <= int(process_index) < int(process_count):
         raise ValueError(f"process_index {process_index} not in [0, process_count={process_count})")
     source = make_source(cfg) if source is None else source
-    ds = grain.MapDataset.source(source)
-    if cfg.max_records is not None:
-        ds = ds[: int(cfg.max_records)]
-    if int(process_count) > 1:
-        ds = ds[int(process_index)::int(process_count)]
-    shuffle_seed = int(cfg.shuffle_seed if cfg.shuffle_seed is not None else seed) % (2 ** 32)
-    ds = ds.shuffle(seed=shuffle_seed)
-    ds = ds.repeat(cfg.num_epochs)
-    ds = ds.map(ExampleEncoder(tokenizer=tokenizer, image_size=size, max_len=cfg.buckets[-1],
-                               truncation=cfg.truncation, move_image_to_front=bool(cfg.move_image_to_front),
-                               template=cfg.template, image_token_index=int(cfg.image_token_index)))
-    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(cfg.read_threads),
-                                              prefetch_buffer_size=int(cfg.read_buffer_size)))
-    ds = _BucketBatchDataset(ds, batch_size=int(cfg.batch_size), buckets=cfg.buckets, image_size=size,
-                             pad_token_id=int(cfg.pad_token_id), drop_remainder=bool(cfg.drop_remainder),
-                             max_consecutive_skips=int(cfg.max_consecutive_skips))
-    if int(cfg.worker_count) > 0:
-        _ensure_absl_flags_parsed()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(cfg.worker_count),
-                                                         per_worker_buffer_size=int(cfg.worker_buffer_size)))
+    plan = make_batch_plan(cfg, tokenizer=tokenizer, seed=seed, process_count=int(process_count), source=source)
+    encoder = ExampleEncoder(tokenizer=tokenizer, image_size=size, max_len=cfg.buckets[-1],
+                             truncation=cfg.truncation, move_image_to_front=bool(cfg.move_image_to_front),
+                             template=cfg.template, image_token_index=int(cfg.image_token_index))
+    batches = _PlannedBatchEncoder(plan, source, encoder, process_index=int(process_index),
+                                   process_count=int(process_count), image_size=size,
+                                   pad_token_id=int(cfg.pad_token_id))
+    ds = _PlannedBatchDataset(batches, read_options=grain.ReadOptions(num_threads=int(cfg.read_threads),
+                                                                      prefetch_buffer_size=int(cfg.read_buffer_size)),
+                              worker_count=int(cfg.worker_count), worker_buffer_size=int(cfg.worker_buffer_size),
+                              max_consecutive_skips=int(cfg.max_consecutive_skips))
     return _AccountingDataset(ds, int(cfg.max_logged_ids))
 
 
