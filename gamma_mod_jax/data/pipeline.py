@@ -446,7 +446,7 @@ class BatchPlan:
     otherwise it is filled with padding rows, index -1). group_by_modality (LLaVA's
     `group_by_modality_length`): records with and without an image are shuffled and cut
     separately, the full batches of both kinds shuffled together, the two remainders
-    merged into one last batch. A batch's text length is the smallest bucket holding
+    merged and cut into the last batches of the epoch. A batch's text length is the smallest bucket holding
     its longest example (over-long examples: the largest bucket, truncated by the map
     step; with truncation "drop" they are left out of the plan)."""
 
@@ -471,7 +471,8 @@ class BatchPlan:
         if self.group_by_modality:
             kinds = [int(self.has_image[self.usable].sum()), int((~self.has_image[self.usable]).sum())]
             rest = sum(k % g for k in kinds)
-            self.batches_per_epoch = sum(k // g for k in kinds) + (0 if self.drop_remainder else -(-rest // g))
+            self.batches_per_epoch = (sum(k // g for k in kinds) + rest // g
+                                      + int(not self.drop_remainder and rest % g > 0))
         else:
             self.batches_per_epoch = n // g if self.drop_remainder else -(-n // g)
         # Plan-phase skips in source order: reported once per epoch, with its first batch.
@@ -508,7 +509,8 @@ class BatchPlan:
             parts = [self.usable[self.has_image[self.usable]], self.usable[~self.has_image[self.usable]]]
             cuts = [self._cut(rng.permutation(p)) for p in parts]
             batches = np.concatenate([c[0] for c in cuts])[rng.permutation(sum(len(c[0]) for c in cuts))]
-            rest = np.sort(np.concatenate([c[1] for c in cuts]))
+            merged, rest = self._cut(np.sort(np.concatenate([c[1] for c in cuts])))
+            batches = np.concatenate([batches.reshape(-1, g), merged])
         else:
             batches, rest = self._cut(rng.permutation(self.usable))
         batches = batches.reshape(-1, g)
