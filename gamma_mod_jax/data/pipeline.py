@@ -1,9 +1,12 @@
 """The training input pipeline (Grain) and evaluation prompts for LLaVA-format data.
 
-    source (sources.py)  ->  [process_index::process_count]  ->  shuffle(seed)  ->  repeat
-    ->  map: encode the conversation, truncate, load + preprocess the image  (workers)
-    ->  bucket batching: B good examples, padded to the smallest bucket that fits  (workers)
-    ->  worker processes (mp_prefetch)  ->  bad-record accounting  (the training process)
+    source (sources.py)  ->  length index (text lengths, built once, cached beside the data)
+    ->  batch plan: per epoch a seeded shuffle of the usable records, cut into global
+        batches of global_batch_size; each global batch's length from all its examples
+        (the same plan in every process)
+    ->  map over global batch numbers: encode this process's rows of the batch (conversation,
+        truncation, image), collate at the plan's length  (threads, worker processes)
+    ->  bad-record accounting  (the training process)
 
 `make_train_iterator` (or `make_train_iterator_from_config(config, model_cfg)` for a
 training config) returns a Grain `DatasetIterator` (get_state / set_state, and
@@ -15,30 +18,32 @@ yielding numpy batches:
     labels          int32 [B, T]  -100 where unsupervised and on padding
     token_types     int32 [B, T]  gamma_mod_jax.token_types (padding = PADDING)
     pixel_values    float32 [B, S, S, 3]  CLIP-normalised; zeros for text-only rows
-    valid           int32 [B]     1 for real examples, 0 for filler rows (filler rows
-                                  only occur with drop_remainder=False at the end of a
-                                  finite run; they have all -100 labels, no attention)
+    valid           int32 [B]     1 for real examples, 0 for padding rows (a record that
+                                  failed to encode, or filler at the end of a finite run
+                                  with drop_remainder=False; all -100 labels, no attention)
 
-T is the smallest configured bucket holding the longest example of the batch, so a
-jitted step compiles once per bucket.
+T is the smallest configured bucket holding the longest example of the *global* batch
+(every process's rows), so a jitted step compiles once per bucket and all processes hold
+the same shapes at every step. Process p's rows are rows [p * B, (p + 1) * B) of the
+global batch, B = global_batch_size / process_count.
 
-Bad records (sources.SKIP_REASONS: unparseable JSON line, malformed record, missing or
-undecodable image, no assistant turn, over-long with truncation "drop", or any other
-refusal of the conversation encoder) never raise: the map step returns a marker, the
-batching step skips it, and carries (reason, id, message) of every skipped record and
-of every truncated example (truncation "truncate_right") inside the batch that follows
-them. The outermost iterator, in the training process, strips these events off and
-adds them to a `BadRecordLog` that is part of the iterator's checkpoint state, so the
-counts are exact with any number of worker processes and identical after a resume
-(skips are decided by the record alone, the order by the seed). The trainer reads
-them with `iterator.stats()` (flat counts: skipped, truncated, skipped_<reason>) or
-`pipeline_stats(iterator)` (counts, ids, first message per reason); each skipped id
-is also logged once (logging.WARNING). Exception: skips among the examples of a final
-partial batch that is dropped (finite num_epochs, drop_remainder=True) are not seen.
+Bad records (sources.SKIP_REASONS) never raise. Those the length index can see (the
+source's error, no assistant turn, a conversation the encoder refuses, a missing image
+file, over-long with truncation "drop") are left out of the plan and reported by every
+process with the first batch of each epoch. A record that fails only when this process
+encodes it (an image that does not decode, a truncation that keeps no answer) becomes
+a padding row after the process's real rows (valid 0), so the global shape still agrees.
+Each batch carries (reason, id, message) of those events and of every truncated example
+("truncate_right"); the outermost iterator, in the training process, moves them into a
+`BadRecordLog` that is part of the iterator's checkpoint state. The trainer reads them
+with `iterator.stats()` (flat counts: skipped, truncated, skipped_<reason>, and the
+plan's padding_efficiency, length, global_batches) or `pipeline_stats(iterator)`
+(counts, ids, first message per reason); each skipped id is also logged once.
 
-The batch composition depends on worker_count (each worker batches its own slice of
-the stream): a resume must use the same worker_count, batch_size, buckets, seed and
-process count.
+The order depends on the seed, the global batch size, the buckets and the data alone:
+not on the process count, the mesh or worker_count. The iterator state is the number
+of global batches served (plus the bad-record log), so a checkpoint restores onto
+another process count or worker count and continues the same sequence.
 """
 
 from __future__ import annotations

@@ -195,3 +195,21 @@ def test_bad_records_left_out_by_the_plan_or_padded(data, tmp_path):
     for it in its:  # left out by the plan: counted by every process, in its first batch
         counts = P.pipeline_stats(it)["counts"]
         assert counts[S.MISSING_IMAGE] == 1 and counts[S.NO_ASSISTANT_TURN] == 1
+
+
+def test_padding_waste_launcher_on_the_assumed_distribution(capsys):
+    from gamma_mod_jax.data import length_stats
+    from launch import padding_waste
+
+    padding_waste.main(["--config", "configs/train.py:llava_hr_7b_mod0.34", "--global-batch", "32"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    lengths, has_image = length_stats.sample_lengths(length_stats.MIX665K, max_length=2496)
+    assert result["records"] == len(lengths) == sum(c[1] for c in length_stats.MIX665K)
+    assert result["mean_text_length"] == pytest.approx(float(lengths.mean())) and 300 < lengths.mean() < 420
+    # one bucket: every position of every row is computed (up to the < 2 batches left over)
+    one = result["one_bucket"]
+    assert one["batches"] == {"2496": len(lengths) // 32 - 1} or one["batches"] == {"2496": len(lengths) // 32}
+    assert one["text"] == pytest.approx(lengths.mean() / 2496, rel=1e-3)
+    llm = (lengths + has_image * 1023).mean() / (2496 + 1023)
+    assert one["llm"] == pytest.approx(llm, rel=1e-3)
+    assert result["buckets"]["llm"] > one["llm"] + 0.15 and result["buckets"]["lengths"][-1] == 2496
