@@ -18,8 +18,8 @@ import numpy as np
 
 
 def efficiency(plan, num_image_tokens: int) -> dict:
-    """Real / computed tokens of epoch 0 of `plan`: text positions and LLM positions."""
-    rows, lengths = plan.epoch(0)
+    """Real / computed tokens of all batches of `plan`: text positions and LLM positions."""
+    rows, lengths = plan.batches(0, len(plan))
     real = np.where(rows >= 0, plan.lengths[np.maximum(rows, 0)], 0)
     images = np.where(rows >= 0, plan.has_image[np.maximum(rows, 0)], False)
     width = rows.shape[1]

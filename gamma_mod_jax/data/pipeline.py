@@ -446,14 +446,19 @@ def length_index(source, n: int, tokenizer, cfg) -> LengthIndex:
 class BatchPlan:
     """The run's sequence of global batches, the same in every process.
 
-    Epoch e shuffles the usable records with seed (seed, e) and cuts them into global
-    batches of `global_batch_size` (drop_remainder: a last partial batch is dropped,
-    otherwise it is filled with padding rows, index -1). group_by_modality (LLaVA's
-    `group_by_modality_length`): records with and without an image are shuffled and cut
-    separately, the full batches of both kinds shuffled together, the two remainders
-    merged and cut into the last batches of the epoch. A batch's text length is the smallest bucket holding
-    its longest example (over-long examples: the largest bucket, truncated by the map
-    step; with truncation "drop" they are left out of the plan)."""
+    Default: the usable records in the order of Grain's global shuffle of all records
+    (`MapDataset.shuffle(seed)`: grain.experimental.index_shuffle with seed + epoch, a new
+    order every epoch), cut into consecutive global batches of `global_batch_size` (a
+    batch may span two epochs; a finite run's last partial batch is dropped with
+    drop_remainder, otherwise filled with padding rows, index -1). With one process and
+    no bad record these are the batches of the earlier per-process pipeline.
+    group_by_modality (LLaVA's `group_by_modality_length`): per epoch, records with and
+    without an image are shuffled (numpy, seed (seed, epoch)) and cut separately, the full
+    batches of both kinds shuffled together, the two remainders merged and cut into the
+    last batches of the epoch (a partial one dropped or filled as above).
+    A batch's text length is the smallest bucket holding its longest example
+    (over-long examples: the largest bucket, truncated by the map step; with truncation
+    "drop" they are left out of the plan)."""
 
     def __init__(self, index: LengthIndex, *, global_batch_size: int, buckets: Sequence[int], seed: int,
                  num_epochs: Optional[int], drop_remainder: bool, truncation: str = "drop",
@@ -462,7 +467,7 @@ class BatchPlan:
         self.global_batch_size, self.seed = int(global_batch_size), int(seed)
         self.num_epochs, self.drop_remainder = num_epochs, bool(drop_remainder)
         self.group_by_modality = bool(group_by_modality)
-        self.has_image, self.ids = index.has_image, index.ids
+        self.has_image, self.ids = np.asarray(index.has_image, bool), index.ids
         lengths = np.asarray(index.lengths, np.int64)
         self.problems = dict(index.problems)
         if truncation == "drop":
@@ -472,66 +477,95 @@ class BatchPlan:
                 lengths[i] = -1
         self.lengths = np.minimum(lengths, self.buckets[-1])  # truncate_right cuts to the largest bucket
         self.usable = np.flatnonzero(self.lengths >= 0)
-        n, g = len(self.usable), self.global_batch_size
+        u, g = len(self.usable), self.global_batch_size
         if self.group_by_modality:
             kinds = [int(self.has_image[self.usable].sum()), int((~self.has_image[self.usable]).sum())]
             rest = sum(k % g for k in kinds)
             self.batches_per_epoch = (sum(k // g for k in kinds) + rest // g
                                       + int(not self.drop_remainder and rest % g > 0))
+            self._batches = None if self.batches_per_epoch == 0 else (
+                self.batches_per_epoch * int(num_epochs) if num_epochs is not None else sys.maxsize)
         else:
-            self.batches_per_epoch = n // g if self.drop_remainder else -(-n // g)
-        # Plan-phase skips in source order: reported once per epoch, with its first batch.
+            self.batches_per_epoch = u / g  # batches span epochs
+            positions = None if num_epochs is None else u * int(num_epochs)
+            self._batches = (sys.maxsize if u else None) if positions is None else (
+                positions // g if self.drop_remainder else -(-positions // g))
+        # Plan-phase skips in source order: reported once per epoch, with the batch that starts it.
         self.epoch_events = [[reason, self.ids[i], message] for i, (reason, message) in sorted(self.problems.items())]
-        self._cache: Dict[int, Tuple[np.ndarray, np.ndarray]] = {}
+        self._cache: Dict[int, Any] = {}
 
     def __len__(self) -> int:
-        if self.num_epochs is not None:
-            return self.batches_per_epoch * int(self.num_epochs)
-        if self.batches_per_epoch == 0:
+        if self._batches is None:
             raise RuntimeError(f"{len(self.usable)} usable records of {len(self.lengths)}, fewer than one global "
                                f"batch of {self.global_batch_size}: the data or its configuration is broken "
                                f"(skipped: {sorted({r for r, _ in self.problems.values()})})")
-        return sys.maxsize
+        return self._batches
 
-    def epoch(self, e: int) -> Tuple[np.ndarray, np.ndarray]:
-        """(record indices int64 [batches, global_batch_size] with -1 for padding rows,
-        text lengths [batches]) of epoch e."""
+    def _epoch(self, e: int):
+        """Plain: the usable records of epoch e in order; grouped: its batches [n, g]."""
         if e not in self._cache:
             if len(self._cache) > 2:
                 self._cache.pop(min(self._cache))
-            self._cache[e] = self._make_epoch(e)
+            self._cache[e] = self._grouped_epoch(e) if self.group_by_modality else self._shuffled_epoch(e)
         return self._cache[e]
 
-    def _cut(self, order: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-        g = self.global_batch_size
-        full = len(order) // g
-        return order[: full * g].reshape(full, g), order[full * g:]
+    def _shuffled_epoch(self, e: int) -> np.ndarray:
+        n = len(self.lengths)
+        seed = (self.seed + e) % 2 ** 32
+        order = np.fromiter((grain.experimental.index_shuffle(j, max_index=n - 1, seed=seed, rounds=4)
+                             for j in range(n)), np.int64, n) if n > 1 else np.zeros((n,), np.int64)
+        return order[self.lengths[order] >= 0]
 
-    def _make_epoch(self, e: int) -> Tuple[np.ndarray, np.ndarray]:
+    def _grouped_epoch(self, e: int) -> np.ndarray:
         g = self.global_batch_size
         rng = np.random.default_rng([self.seed, e])
-        if self.group_by_modality:
-            parts = [self.usable[self.has_image[self.usable]], self.usable[~self.has_image[self.usable]]]
-            cuts = [self._cut(rng.permutation(p)) for p in parts]
-            batches = np.concatenate([c[0] for c in cuts])[rng.permutation(sum(len(c[0]) for c in cuts))]
-            merged, rest = self._cut(np.sort(np.concatenate([c[1] for c in cuts])))
-            batches = np.concatenate([batches.reshape(-1, g), merged])
-        else:
-            batches, rest = self._cut(rng.permutation(self.usable))
-        batches = batches.reshape(-1, g)
-        if not self.drop_remainder and len(rest):
-            rest = np.pad(rest, (0, -len(rest) % g), constant_values=-1).reshape(-1, g)
-            batches = np.concatenate([batches, rest])
-        lengths = np.where(batches >= 0, self.lengths[np.maximum(batches, 0)], 0).max(axis=1, initial=0)
-        bucket_of = np.asarray(self.buckets)[np.searchsorted(self.buckets, np.maximum(lengths, 1))]
-        return batches, bucket_of
 
-    def batch(self, k: int) -> Tuple[int, int, np.ndarray, int]:
-        """(epoch, batch within the epoch, record indices [global_batch_size], text length)
-        of global batch k."""
-        e, j = divmod(int(k), self.batches_per_epoch)
-        rows, bucket_of = self.epoch(e)
-        return e, j, rows[j], int(bucket_of[j])
+        def cut(order):
+            full = len(order) // g
+            return order[: full * g].reshape(full, g), order[full * g:]
+
+        parts = [self.usable[self.has_image[self.usable]], self.usable[~self.has_image[self.usable]]]
+        cuts = [cut(rng.permutation(p)) for p in parts]
+        batches = np.concatenate([c[0] for c in cuts])[rng.permutation(sum(len(c[0]) for c in cuts))]
+        merged, rest = cut(np.sort(np.concatenate([c[1] for c in cuts])))
+        batches = np.concatenate([batches.reshape(-1, g), merged])
+        if not self.drop_remainder and len(rest):
+            batches = np.concatenate([batches, np.pad(rest, (0, g - len(rest)), constant_values=-1)[None]])
+        return batches
+
+    def _rows_and_epoch_starts(self, k: int) -> Tuple[np.ndarray, int]:
+        g = self.global_batch_size
+        if self.group_by_modality:
+            e, j = divmod(k, self.batches_per_epoch)
+            return self._epoch(e)[j], int(j == 0)
+        u = len(self.usable)
+        start, stop = k * g, (k + 1) * g
+        if self.num_epochs is not None:
+            stop = min(stop, u * int(self.num_epochs))
+        parts, pos = [], start
+        while pos < stop:
+            e, offset = divmod(pos, u)
+            take = min(stop, (e + 1) * u) - pos
+            parts.append(self._epoch(e)[offset: offset + take])
+            pos += take
+        rows = np.concatenate(parts) if parts else np.zeros((0,), np.int64)
+        starts = -(-stop // u) - -(-start // u)  # epochs whose first record falls in [start, stop)
+        return np.pad(rows, (0, g - len(rows)), constant_values=-1), starts
+
+    def batch(self, k: int) -> Tuple[np.ndarray, int, int]:
+        """(record indices [global_batch_size] with -1 for padding rows, text length, number
+        of epochs that start in it) of global batch k."""
+        if not 0 <= k < len(self):
+            raise IndexError(f"global batch {k} not in [0, {len(self)})")
+        rows, starts = self._rows_and_epoch_starts(int(k))
+        longest = int(self.lengths[rows[rows >= 0]].max(initial=1))
+        return rows, pick_bucket(longest, self.buckets), starts
+
+    def batches(self, first: int, stop: int) -> Tuple[np.ndarray, np.ndarray]:
+        """(record indices [n, global_batch_size], text lengths [n]) of global batches [first, stop)."""
+        out = [self.batch(k)[:2] for k in range(first, stop)]
+        return (np.stack([r for r, _ in out]) if out else np.zeros((0, self.global_batch_size), np.int64),
+                np.asarray([t for _, t in out], np.int64))
 
 
 class _PlannedBatchEncoder:
@@ -550,8 +584,8 @@ class _PlannedBatchEncoder:
 
     def __call__(self, k: int) -> Dict[str, Any]:
         plan = self.plan
-        _, j, rows, length = plan.batch(k)
-        events: List[List[str]] = [list(ev) for ev in plan.epoch_events] if j == 0 else []
+        rows, length, epoch_starts = plan.batch(k)
+        events: List[List[str]] = [list(ev) for _ in range(epoch_starts) for ev in plan.epoch_events]
         examples: List[Dict[str, Any]] = []  # the rows that encode; padding rows follow them
         skipped = 0
         for i in rows[self.first_row: self.first_row + self.rows_per_process]:

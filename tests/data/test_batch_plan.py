@@ -140,7 +140,7 @@ def test_global_batch_size_keeps_the_plan_whatever_batch_size(data):
 def test_group_by_modality_batches_are_all_image_or_all_text(data):
     plan = P.make_batch_plan(_cfg(data, group_by_modality=True, num_epochs=1, drop_remainder=False),
                              tokenizer=data["tokenizer"])
-    rows, lengths = plan.epoch(0)
+    rows, lengths = plan.batches(0, len(plan))
     has_image = {rid: "image" in r for rid, r in data["records"].items()}
     kinds = [{has_image[plan.ids[i]] for i in batch if i >= 0} for batch in rows]
     assert all(len(k) == 1 for k in kinds[:-1]) and {True} in kinds and {False} in kinds
@@ -189,9 +189,9 @@ def test_bad_records_left_out_by_the_plan_or_padded(data, tmp_path):
     with pytest.raises(StopIteration):  # 14 usable records: one global batch of 8
         next(its[0])
     plan = P.make_batch_plan(cfg, tokenizer=data["tokenizer"], process_count=2)
-    planned = [plan.ids[i] for i in plan.epoch(0)[0][0]]
-    assert varied_llava.CORRUPT_ID in planned and not {"gone", "silent"} & set(planned)
-    assert batches[0][1] == [i for i in planned if i != varied_llava.CORRUPT_ID]  # its row is padding
+    planned = [plan.ids[i] for i in plan.batch(0)[0]]
+    assert len(planned) == GLOBAL and not {"gone", "silent"} & set(planned)
+    assert batches[0][1] == [i for i in planned if i != varied_llava.CORRUPT_ID]  # its row would be padding
     for it in its:  # left out by the plan: counted by every process, in its first batch
         counts = P.pipeline_stats(it)["counts"]
         assert counts[S.MISSING_IMAGE] == 1 and counts[S.NO_ASSISTANT_TURN] == 1
@@ -213,3 +213,18 @@ def test_padding_waste_launcher_on_the_assumed_distribution(capsys):
     llm = (lengths + has_image * 1023).mean() / (2496 + 1023)
     assert one["llm"] == pytest.approx(llm, rel=1e-3)
     assert result["buckets"]["llm"] > one["llm"] + 0.15 and result["buckets"]["lengths"][-1] == 2496
+
+
+def test_plain_order_is_grains_global_shuffle_of_the_records(data):
+    """With every record usable, the plan's stream is `MapDataset.shuffle(seed).repeat()` of
+    the source (the order of the earlier per-process pipeline on one process), batches
+    spanning the epoch boundary."""
+    import grain
+
+    records = [r for r in data["records"].values() if r["id"] != varied_llava.CORRUPT_ID]
+    source = S.RecordListSource(records, image_dir=data["image_dir"])
+    cfg = _cfg(data, batch_size=5, num_epochs=2, shuffle_seed=11)
+    plan = P.make_batch_plan(cfg, tokenizer=data["tokenizer"], source=source)
+    want = [r["id"] for r in grain.MapDataset.source(source).shuffle(seed=11).repeat(2)]
+    rows, _ = plan.batches(0, len(plan))
+    assert len(plan) == len(want) // 5 and [plan.ids[i] for i in rows.ravel()] == want[: len(plan) * 5]
