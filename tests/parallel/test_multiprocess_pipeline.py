@@ -50,6 +50,7 @@ def losses(workdir):
 def assert_same_losses(got, want):
     assert [s for s, _ in got] == [s for s, _ in want]
     np.testing.assert_allclose([l for _, l in got], [l for _, l in want], rtol=1e-5)
+    print("largest relative loss difference", max(abs(a - b) / abs(b) for (_, a), (_, b) in zip(got, want)))
 
 
 def global_batches(workdir, count):
