@@ -97,6 +97,7 @@ def data_config_defaults() -> ml_collections.ConfigDict:
                                        # process gets global_batch_size / processes rows (batch_size unused)
     c.group_by_modality = False        # LLaVA's group_by_modality_length: batches all with or all without image
     c.length_index_dir = p(str)        # where the per-record length index is cached (None: beside json_path)
+    c.length_index_workers = 0         # processes building the length index (0: in this process)
     c.shuffle_seed = p(int)            # None: make_train_iterator's seed
     c.num_epochs = p(int)              # None: repeat forever
     c.worker_count = 0                 # 0: in the training process
@@ -402,24 +403,44 @@ def _length_index_path(cfg, source, n: int, tokenizer) -> Optional[str]:
     return os.path.join(folder, f"{name}.lengths-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npz")
 
 
-def build_length_index(source, n: int, tokenizer, cfg, log_every: int = 100_000) -> LengthIndex:
-    """The text length of each of the first n records of `source` (record_text_length)."""
-    lengths = np.full((n,), -1, np.int32)
-    has_image = np.zeros((n,), bool)
+def _index_range(source, tokenizer, start: int, stop: int, template: str, image_token_index: int,
+                 move_image_to_front: bool):
+    """record_text_length of records [start, stop): (lengths, has_image, ids, problems)."""
+    lengths = np.full((stop - start,), -1, np.int32)
+    has_image = np.zeros((stop - start,), bool)
     ids: List[str] = []
     problems: Dict[int, Tuple[str, str]] = {}
-    for i in range(n):
+    for i in range(start, stop):
         record = source[i]
         ids.append(str(record.get("id", i)))
-        has_image[i] = record.get("image") is not None
-        lengths[i], problem = record_text_length(record, tokenizer, template=cfg.template,
-                                                 image_token_index=int(cfg.image_token_index),
-                                                 move_image_to_front=bool(cfg.move_image_to_front))
+        has_image[i - start] = record.get("image") is not None
+        lengths[i - start], problem = record_text_length(record, tokenizer, template=template,
+                                                         image_token_index=image_token_index,
+                                                         move_image_to_front=move_image_to_front)
         if problem is not None:
             problems[i] = (str(problem[0]), str(problem[1]))
-        if log_every and (i + 1) % log_every == 0:
-            log.info("length index: %d of %d records", i + 1, n)
-    return LengthIndex(lengths, has_image, ids, problems)
+    return lengths, has_image, ids, problems
+
+
+def build_length_index(source, n: int, tokenizer, cfg, workers: int = 0) -> LengthIndex:
+    """The text length of each of the first n records of `source` (record_text_length);
+    `workers` > 1: in that many worker processes (the source and tokenizer are pickled)."""
+    args = (cfg.template, int(cfg.image_token_index), bool(cfg.move_image_to_front))
+    if workers > 1 and n >= 2 * workers:
+        import concurrent.futures
+        import multiprocessing
+
+        bounds = np.linspace(0, n, 4 * workers + 1).astype(int)
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            parts = list(pool.map(_index_range, *zip(*[(source, tokenizer, int(a), int(b), *args)
+                                                       for a, b in zip(bounds[:-1], bounds[1:])])))
+    else:
+        parts = [_index_range(source, tokenizer, 0, n, *args)]
+    problems: Dict[int, Tuple[str, str]] = {}
+    for part in parts:
+        problems.update(part[3])
+    return LengthIndex(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+                       [i for p in parts for i in p[2]], problems)
 
 
 def length_index(source, n: int, tokenizer, cfg) -> LengthIndex:
@@ -430,7 +451,9 @@ def length_index(source, n: int, tokenizer, cfg) -> LengthIndex:
         with np.load(path) as f:
             problems = {int(k): (r, m) for k, (r, m) in json.loads(str(f["problems"])).items()}
             return LengthIndex(f["lengths"], f["has_image"], json.loads(str(f["ids"])), problems)
-    index = build_length_index(source, n, tokenizer, cfg)
+    log.info("building the length index of %d records (%s)%s", n, source,
+             f" in {cfg.length_index_workers} processes" if int(cfg.length_index_workers) > 1 else "")
+    index = build_length_index(source, n, tokenizer, cfg, workers=int(cfg.length_index_workers))
     if path:
         tmp = f"{path}.{os.getpid()}.tmp.npz"
         try:

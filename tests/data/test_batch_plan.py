@@ -228,3 +228,15 @@ def test_plain_order_is_grains_global_shuffle_of_the_records(data):
     want = [r["id"] for r in grain.MapDataset.source(source).shuffle(seed=11).repeat(2)]
     rows, _ = plan.batches(0, len(plan))
     assert len(plan) == len(want) // 5 and [plan.ids[i] for i in rows.ravel()] == want[: len(plan) * 5]
+
+
+@pytest.mark.slow  # ~30 s: two spawned processes import the tokenizer stack
+def test_length_index_built_in_worker_processes_is_the_same(data):
+    cfg = P._cfg(_cfg(data))
+    source = P.make_source(cfg)
+    here = P.build_length_index(source, len(source), data["tokenizer"], cfg)
+    pooled = P.build_length_index(source, len(source), data["tokenizer"], cfg, workers=2)
+    np.testing.assert_array_equal(pooled.lengths, here.lengths)
+    np.testing.assert_array_equal(pooled.has_image, here.has_image)
+    assert pooled.ids == here.ids and pooled.problems == here.problems
+    assert [here.lengths[i] for i in range(len(source))] == [data["lengths"][f"v{i}"] for i in range(len(source))]
