@@ -467,11 +467,14 @@ def test_two_worker_processes_resume_and_cover_the_epoch(corpus):
     _resume_check(corpus, worker_count=2)
     it = _iterator(corpus, worker_count=2, num_epochs=1, drop_remainder=False, batch_size=2)
     try:
-        ids = [i for ids, _ in _epoch(it) for i in ids]
+        batches = _epoch(it)
+        ids = [i for ids, _ in batches for i in ids]
         assert sorted(ids) == corpus.good_ids
         assert P.pipeline_stats(it)["counts"] == {reason: 1 for reason in BAD.values()}
     finally:
         it.close()
+    # each worker encodes whole global batches of the plan: the batches do not depend on worker_count
+    _assert_same_batches(batches, _epoch(_iterator(corpus, num_epochs=1, drop_remainder=False, batch_size=2)))
 
 
 @pytest.mark.parametrize("turns", [1, 4])
