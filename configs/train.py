@@ -9,6 +9,8 @@ Recipes (hyperparameters from the papers / official scripts, see ../shared/refer
 Stage 2 (γ-MoD): mix665k with `<image>` moved to the front, lr 2e-5 for every parameter
 (vision tower not frozen, no separate router lr), wd 0, warmup 3%, cosine, 1 epoch, global
 batch 128, bf16 compute, rematerialisation, max length 2496, routing-loss coefficient 0.01.
+Data: length buckets STAGE1_BUCKETS / STAGE2_BUCKETS (below), one global batch plan for all
+processes (gamma_mod_jax/data/pipeline.py).
 `tiny` swaps in the test-sized model twin, a few steps and small batches (smoke runs, tests).
 Override anything on the command line: `--config.optim.learning_rate=1e-4`.
 
@@ -26,6 +28,13 @@ from gamma_mod_jax.parallel.logical import DEFAULT_RULES
 
 MIX665K_RECORDS = 665_298
 LCS558K_RECORDS = 558_128
+# Static text-length buckets (placeholder included; a global batch takes the smallest that
+# holds its longest example; one compilation each), chosen on the assumed length
+# distributions of gamma_mod_jax/data/length_stats.py (mix665k: mean ~360 text tokens, a
+# ShareGPT tail to the maximum; LCS-558K: captions of ~45-130 tokens). `python -m
+# launch.padding_waste --config configs/train.py:<recipe>` prints the padding waste.
+STAGE1_BUCKETS = (64, 80, 96, 128, 256, 2048)
+STAGE2_BUCKETS = (256, 384, 512, 768, 1024, 1536, 2048, 2496)
 
 MODELS = {
     "llava_hr_7b": ("configs/llava_hr_7b.py", "llava_hr"),
@@ -54,8 +63,12 @@ def base_config(model_file, model_arg, *, stage, global_batch, micro_batch, reco
     config.model = load_config(f"{model_file}:{model_arg}").model
     config.init_checkpoint = ""        # our checkpoint dir (stage 2: the stage-1 / adapted model)
     config.seed = 0
-    config.data = data_config(buckets=(max_len,), batch_size=micro_batch,
-                              move_image_to_front=stage == 2)
+    buckets = tuple(b for b in (STAGE1_BUCKETS if stage == 1 else STAGE2_BUCKETS) if b < max_len) + (max_len,)
+    # stage 2: batches all multimodal or all text-only, as LLaVA-1.5's finetune script
+    # (--group_by_modality_length True); ShareGPT's long text-only chats then do not set
+    # the length of the image batches
+    config.data = data_config(buckets=buckets, batch_size=micro_batch, move_image_to_front=stage == 2,
+                              group_by_modality=stage == 2)
     config.optim = ml_collections.ConfigDict(dict(
         learning_rate=lr, warmup_ratio=0.03, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=1.0,
         accumulation_steps=max(global_batch // micro_batch, 1),

@@ -159,8 +159,10 @@ def _process_rows(sharding: NamedSharding, global_shape) -> Tuple[int, int]:
 class BatchPlacer:
     """Process-local numpy batches -> global arrays sharded over the batch axes.
 
-    Process p's batch holds global rows [p * B, (p + 1) * B) (the data pipeline shards by
-    process index); the global batch is their concatenation in process order. When the
+    Process p's batch holds global rows [p * B, (p + 1) * B) of the global batch, the
+    global batch is their concatenation in process order, and every process passes the
+    same local shape at the same step (the data pipeline's batch plan guarantees both:
+    the global shape is built from the local one without asking the other processes). When the
     mesh gives a process's devices exactly those rows (the usual case), each process
     hands over only its own data (jax.make_array_from_process_local_data); otherwise
     (e.g. the batch dimension falls back to replication, or tensor spans processes) the

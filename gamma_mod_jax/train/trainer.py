@@ -10,10 +10,12 @@ Parallelism (gamma_mod_jax/parallel): `config.parallelism` "pjit" (default) runs
 step as one jax.jit over a (data, fsdp, tensor) mesh (`config.mesh`, default all
 devices on `data`) with parameters and optimizer state sharded by logical axis names
 (`config.sharding_rules`, default parallel.logical.DEFAULT_RULES) and donated; "pmap"
-runs plain data parallelism with replicated state and pmean-averaged gradients. Each
-process reads its own share of the data (`data.batch_size` examples per process and
-micro-batch; the global batch is their concatenation in process order). Checkpoints
-hold global arrays, so they restore onto another mesh, process count or parallelism.
+runs plain data parallelism with replicated state and pmean-averaged gradients. Every
+process derives the same global batch plan and encodes its own rows of each global
+batch (`data.batch_size` examples per process and micro-batch; the global batch is their
+concatenation in process order), so all processes hold the same shapes at every step.
+Checkpoints hold global arrays and the data position as a count of global batches, so
+they restore onto another mesh, process count or parallelism.
 With several processes every process saves and restores, metrics come from process
 0, and the processes agree at every micro-batch on whether all have data and whether
 any got SIGTERM, so they stop together.
@@ -323,24 +325,35 @@ def _restore(manager, step: int, abstract_state, data_iter, log=print):
     args = {"state": ocp.args.StandardRestore(abstract_state)}
     directory = os.path.join(str(manager.directory), str(step))
     saved = os.listdir(directory)
+    data_state = None
     if "data" in saved and _is_grain_iterator(data_iter):
-        # Grain keeps one state per process (process_<i>-of-<n>.json): saved by another
-        # number of processes, each process's shard of the data is another one and the
-        # positions do not carry over; the model state still does.
+        # Grain keeps one state file per process (process_<i>-of-<n>.json). The pipeline's
+        # position is a count of global batches, the same in every process, so a state
+        # saved by another number of processes restores too: process i reads the file of
+        # process i mod n (bad-record counts are that process's).
         count = jax.process_count()
-        mine = f"process_{jax.process_index()}-of-{count}.json"
-        if mine in os.listdir(os.path.join(directory, "data")):
+        files = os.listdir(os.path.join(directory, "data"))
+        if f"process_{jax.process_index()}-of-{count}.json" in files:
             args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         else:
-            others = sorted(f for f in os.listdir(os.path.join(directory, "data")) if f.startswith("process_"))
-            log(f"warning: {directory}/data holds the data-iterator state of another number of processes "
-                f"({others[:2]}...), not of {count}; the data iterator starts from its beginning")
+            saved_counts = {int(f.rsplit("-of-", 1)[1][: -len(".json")]) for f in files
+                            if f.startswith("process_") and f.endswith(".json")}
+            if len(saved_counts) != 1:
+                raise ValueError(f"{directory}/data: expected the data-iterator state files of one process count, "
+                                 f"found {sorted(files)}")
+            saved_count = saved_counts.pop()
+            path = os.path.join(directory, "data", f"process_{jax.process_index() % saved_count}-of-{saved_count}.json")
+            with open(path) as f:
+                data_state = json.load(f)
+            log(f"data iterator: restoring the state saved by {saved_count} process(es) ({path}) on {count}")
     elif "data_json" in saved and hasattr(data_iter, "set_state"):
         args["data_json"] = ocp.args.JsonRestore()
     else:
         raise ValueError(f"{manager.directory}/{step}: no data-iterator state this iterator can restore "
                          f"(saved items: {sorted(saved)})")
     restored = manager.restore(step, args=ocp.args.Composite(**args))
+    if data_state is not None:
+        data_iter.set_state(data_state)
     if "data_json" in args:
         data_iter.set_state(restored["data_json"])
     return restored["state"]

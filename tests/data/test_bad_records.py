@@ -68,6 +68,21 @@ def test_a_10_mb_text_is_refused_before_tokenizing(bpe_tokenizer):
     assert "not tokenized" in out["_message"]
 
 
+def test_the_length_index_refuses_a_10_mb_text_before_tokenizing(bpe_tokenizer):
+    """The batch plan measures every record before training: the same character bound
+    applies there (truncation "drop"), and a record that breaks the measuring is a
+    counted skip, not a crash."""
+    record = {"id": "huge", "image": None,
+              "conversations": [{"from": "human", "value": "q " * 5_000_000}, {"from": "gpt", "value": "a"}]}
+    length, problem = P.record_text_length(record, _NoTokenizing(bpe_tokenizer), drop_over=2048)
+    assert length == -1 and problem[0] == S.OVER_LONG and "not tokenized" in problem[1]
+    odd = {"id": "odd", "image": None, "conversations": [{"from": "human", "value": 5}, {"from": "gpt", "value": "a"}]}
+    lengths, _, ids, problems = P._index_range([record, odd], _NoTokenizing(bpe_tokenizer), 0, 2, "vicuna_v1",
+                                               -200, False, 2048)
+    assert list(lengths) == [-1, -1] and ids == ["huge", "odd"]
+    assert problems[0][0] == S.OVER_LONG and problems[1][0] == S.MALFORMED, problems
+
+
 def test_any_exception_encoding_a_record_is_a_counted_skip_with_its_id(word_tokenizer):
     encoder = P.ExampleEncoder(tokenizer=word_tokenizer, image_size=16, max_len=64)
     assert encoder({"id": "no-turns", "image": None})["_skip"] == S.MALFORMED  # KeyError inside
