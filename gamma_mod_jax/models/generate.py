@@ -1,6 +1,6 @@
 """Greedy generation with fixed-size KV caches, jitted once per shape bucket.
 
-Any model with `prefill(batch, max_len) -> (last_logits [b, vocab], caches)` and
+Any model with `prefill(batch, max_new_tokens) -> (last_logits [b, vocab], caches)` and
 `decode_step(tokens [b, 1], caches) -> (logits [b, 1, vocab], caches)` can be
 generated from. Prompts are right-padded; every example continues from its own
 length, so a batch may mix prompt lengths.
@@ -43,8 +43,7 @@ def greedy_loop(decode_step, first_logits_bv, caches, *, max_new_tokens: int, eo
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_id", "pad_id"))
 def _generate(graphdef, state, batch, *, max_new_tokens, eos_id, pad_id):
     model = nnx.merge(graphdef, state)
-    max_len = model.prefill_length(batch) + max_new_tokens
-    first_logits, caches = model.prefill(batch, max_len)
+    first_logits, caches = model.prefill(batch, max_new_tokens)
     return greedy_loop(model.decode_step, first_logits, caches, max_new_tokens=max_new_tokens,
                        eos_id=eos_id, pad_id=pad_id)
 
