@@ -40,18 +40,11 @@ def apply_rope(x_bshd, cos_bsd, sin_bsd):
     return out.astype(x_bshd.dtype)
 
 
-def last_valid_logits(x_bsd, token_valid_bs):
+def last_valid_rows(x_bsd, token_valid_bs):
     """Rows (logits or hidden states) at each example's last real token of a right-padded
     batch: [b, s, d] -> [b, d]."""
     last = jnp.maximum(jnp.sum(token_valid_bs, axis=1).astype(jnp.int32) - 1, 0)
     return jnp.take_along_axis(x_bsd, last[:, None, None], axis=1)[:, 0]
-
-
-def causal_mask(token_valid_bs):
-    """[batch, q, k] mask: causal, keys restricted to valid (non-padding) tokens."""
-    s = token_valid_bs.shape[1]
-    causal = jnp.tril(jnp.ones((s, s), bool))
-    return causal[None] & token_valid_bs[:, None, :]
 
 
 class LlamaAttention(nnx.Module):
@@ -292,7 +285,7 @@ class Llama(nnx.Module):
         hidden, caches, mod_aux = self.decode_layers(x, positions, token_valid, caches, token_types, routing,
                                                      attention_probe)
         if last_only:
-            hidden = last_valid_logits(hidden, token_valid)[:, None]
+            hidden = last_valid_rows(hidden, token_valid)[:, None]
         logits = self.lm_head(hidden).astype(jnp.float32)
         return logits, caches, mod_aux
 
@@ -300,11 +293,11 @@ class Llama(nnx.Module):
 
     def prefill(self, batch, max_new_tokens: int):
         """Runs the right-padded prompt into fresh caches with room for `max_new_tokens`;
-        logits [b, vocab] at each example's last token."""
+        (logits [b, vocab] at each example's last token, caches, mod_aux)."""
         ids, mask = batch["input_ids"], batch["attention_mask"]
         caches = self.init_caches(ids.shape[0], ids.shape[1], max_new_tokens, "capacity")
-        logits, caches, _ = self(ids, attention_mask=mask, caches=caches, last_only=True)
-        return logits[:, 0], caches
+        logits, caches, aux = self(ids, attention_mask=mask, caches=caches, last_only=True)
+        return logits[:, 0], caches, aux
 
     def decode_step(self, tokens_b1, caches):
         logits, caches, _ = self(tokens_b1, caches=caches)

@@ -96,14 +96,15 @@ class LlavaModel(nnx.Module):
 
     def prefill(self, batch, max_new_tokens: int):
         """Prompt into fresh caches (γ-MoD layers' sized by the inference routing, see
-        `Llama.cache_lengths`); logits [b, vocab] at each example's last real token."""
+        `Llama.cache_lengths`): (logits [b, vocab] at each example's last real token, caches,
+        mod_aux of the prompt)."""
         embeds, valid, types, _ = self.embed_multimodal(batch["input_ids"], batch["attention_mask"],
                                                         batch["pixel_values"], batch.get("token_types"))
         routing = self.inference_routing
         caches = self.llm.init_caches(embeds.shape[0], embeds.shape[1], max_new_tokens, routing)
-        logits, caches, _ = self.llm(inputs_embeds=embeds, attention_mask=valid, caches=caches, token_types=types,
-                                     routing=routing, last_only=True)
-        return logits[:, 0], caches
+        logits, caches, aux = self.llm(inputs_embeds=embeds, attention_mask=valid, caches=caches, token_types=types,
+                                       routing=routing, last_only=True)
+        return logits[:, 0], caches, aux
 
     def decode_step(self, tokens_b1, caches):
         # Generated tokens are answer tokens (always computed under the official policy).

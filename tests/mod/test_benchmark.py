@@ -14,4 +14,11 @@ def test_benchmark_cli_writes_results(tmp_path):
         assert results[phase]["speedup"] > 0
         assert results[phase]["ideal_speedup"] > 1
         assert results[phase]["dense"]["median_s"] > 0
+    threshold = results["prefill_threshold"]
+    assert threshold["speedup"] > 0 and threshold["ideal_speedup"] > 1 and 0 < threshold["skip_ratio"] < 1
+    kv = results["kv_cache"]
+    assert 0 < kv["gamma_mod_bytes"] < kv["dense_bytes"] == sum(kv["dense_bytes_per_layer"])
+    decode = results["decode"]["batch_2"]
+    assert decode["dense_tokens_per_s"] > 0 < decode["gamma_mod_tokens_per_s"]
+    assert results["compile_s"]["prefill"]["gamma_mod_threshold"] > 0
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temporary file left
