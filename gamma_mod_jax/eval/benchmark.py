@@ -188,21 +188,45 @@ def _decode_fns(model, routing, new_tokens: int):
     return prefill, decode
 
 
-def run_benchmark(config, log=print) -> dict:
+def models_from_checkpoint(config, mllm):
+    """(config, dense, γ-MoD) for a loaded γ-MoD model: its language model, the same
+    weights without the router as the dense side, and the benchmark config rewritten to the
+    model's shapes, MoD layers and token layout (its image tokens + system prompt)."""
+    gamma = mllm.llm
+    if gamma.mod is None:
+        raise ValueError("--checkpoint: not a γ-MoD model (its config has no mod block)")
+    config = config.copy_and_resolve_references()
+    config.llm = dataclasses.asdict(gamma.config)
+    config.mod = {k: v for k, v in dataclasses.asdict(gamma.mod).items() if k != "num_routable_tokens"}
+    config.image_tokens, config.system_tokens = mllm.config.num_image_tokens, gamma.mod.system_tokens
+    dense = Llama(gamma.config, dtype=gamma.dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    nnx.update(dense, nnx.filter_state(nnx.state(gamma, nnx.Param), lambda path, _: path[0] != "router"))
+    return config, dense, gamma
+
+
+def run_benchmark(config, log=print, checkpoint_model=None) -> dict:
     """Times dense vs γ-MoD (capacity and threshold routing) prefill, training steps and
-    decoding on the same weights; returns the results dict."""
+    decoding on the same weights; returns the results dict. checkpoint_model: a loaded
+    γ-MoD LlavaModel to benchmark (with its own prefill threshold) instead of random weights."""
+    if checkpoint_model is not None:
+        config, dense, gamma = models_from_checkpoint(config, checkpoint_model)
+    else:
+        dense, gamma = build_models(config)
     inputs = make_inputs(config)
-    dense, gamma = build_models(config)
     results = {"config": {k: (dict(v) if hasattr(v, "items") else v) for k, v in config.items()},
                "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
                "compile_s": {}}
     s = inputs["embeds"].shape[1]
     ideal = ideal_speedup(config)
-    threshold = calibrated_threshold(gamma, inputs, log=log)
+    if checkpoint_model is not None:
+        threshold = gamma.mod.prefill_threshold
+        log(f"threshold routing: the checkpoint's own prefill threshold {threshold}")
+    else:
+        threshold = calibrated_threshold(gamma, inputs, log=log)
+        log(f"threshold routing: prefill threshold calibrated to {threshold:.6f}, the p quantile that keeps as many "
+            f"tokens as capacity routing ({s - gamma.mod.num_skipped(s, 0)} of {s}; random router weights keep "
+            f"almost every token above the official {gamma.mod.prefill_threshold})")
     gamma_threshold = _with_mod(gamma, prefill_threshold=threshold)
-    log(f"threshold routing: prefill threshold calibrated to {threshold:.6f}, the p quantile that keeps as many "
-        f"tokens as capacity routing ({s - gamma.mod.num_skipped(s, 0)} of {s}; random router weights keep almost "
-        f"every token above the official {gamma.mod.prefill_threshold})")
     tx = optax.adamw(config.learning_rate)
     models = {"dense": (dense, "capacity"), "gamma_mod": (gamma, "capacity"),
               "gamma_mod_threshold": (gamma_threshold, "threshold")}
