@@ -39,4 +39,7 @@ def get_config(arg=None):
     c.batch_size = int(opts.get("batch", c.batch_size))
     c.dtype = opts.get("dtype", c.dtype)
     c.learning_rate = 1e-5
+    # Decoding after the prompt: new tokens per example, batch sizes timed.
+    c.decode_new_tokens = 8 if opts.get("tiny") else 64
+    c.decode_batch_sizes = (2,) if opts.get("tiny") else (1, 8)
     return c

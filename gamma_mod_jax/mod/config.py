@@ -58,6 +58,12 @@ class MoDConfig:
     # Sequences no longer than the routable prefix: LLaVA-HR code 'keep_all' (nothing skips);
     # Mini-Gemini code 'half' (floor(s / 2) skip, k = ceil(s / 2)).
     short_sequence: str = "keep_all"
+    # Threshold prefill computes only a static bucket of tokens per MoD layer: the smallest
+    # of these fractions of the sequence (rounded up to a multiple of
+    # threshold_bucket_multiple) that covers the batch's largest kept count. Exact whatever
+    # the buckets (they end at 1.0); more buckets waste less compute and compile longer.
+    threshold_buckets: Tuple[float, ...] = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+    threshold_bucket_multiple: int = 64
 
     def __post_init__(self):
         checks = (("always_keep", self.always_keep, tuple(ALWAYS_KEEP)),
@@ -72,6 +78,11 @@ class MoDConfig:
                 raise ValueError(f"MoDConfig.{name} must be one of {allowed}, got {value!r}")
         if not 0.0 <= self.routing_ratio < 1.0:
             raise ValueError(f"MoDConfig.routing_ratio must be in [0, 1), got {self.routing_ratio}")
+        buckets = tuple(self.threshold_buckets)
+        if not buckets or any(not 0.0 < f <= 1.0 for f in buckets) or max(buckets) != 1.0:
+            raise ValueError(f"MoDConfig.threshold_buckets must be fractions in (0, 1] ending at 1.0, got {buckets}")
+        if self.threshold_bucket_multiple < 1:
+            raise ValueError(f"MoDConfig.threshold_bucket_multiple must be >= 1, got {self.threshold_bucket_multiple}")
         if len(set(self.layers)) != len(self.layers) or any(i < 0 for i in self.layers):
             raise ValueError(f"MoDConfig.layers must be distinct non-negative indices, got {self.layers}")
 
@@ -94,6 +105,7 @@ class MoDConfig:
     @classmethod
     def from_dict(cls, d) -> "MoDConfig":
         d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
-        if "layers" in d:
-            d["layers"] = tuple(d["layers"])
+        for key in ("layers", "threshold_buckets"):
+            if key in d:
+                d[key] = tuple(d[key])
         return cls(**d)

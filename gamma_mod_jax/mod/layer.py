@@ -30,12 +30,6 @@ def scatter_tokens(x_bsd, index_bk, values_bkd):
     return jax.vmap(lambda x, i, v: x.at[i].set(v))(x_bsd, index_bk, values_bkd.astype(x_bsd.dtype))
 
 
-def causal_among(valid_bk):
-    """[b, k, k] mask: causal in gathered (sorted) order, keys restricted to valid ones."""
-    k = valid_bk.shape[1]
-    return jnp.tril(jnp.ones((k, k), bool))[None] & valid_bk[:, None, :]
-
-
 def _compute_gathered(block, x_bsd, p_bs, index_bk, key_valid_bk, update_bk, positions_bs, cfg: MoDConfig,
                       cache):
     """Runs the block on the gathered tokens, scales by the router weight, and scatters the
@@ -55,7 +49,8 @@ def _compute_gathered(block, x_bsd, p_bs, index_bk, key_valid_bk, update_bk, pos
     else:
         pos = gather_tokens(positions_bs, index_bk)
     if cache is None:
-        h, _, _ = block.attention_branch(x_sel, pos, causal_among(key_valid_bk))
+        # Causal in gathered (sorted) order, keys restricted to the valid ones.
+        h, _, _ = block.attention_branch(x_sel, pos, key_valid_bk[:, None, :])
     else:
         h, cache, _ = block.attention_branch(x_sel, pos, None, cache, key_valid_bk)
     if cfg.router_scales == "mlp":  # official: h + p * MLP(LN2(h))
@@ -95,15 +90,42 @@ def mod_layer_threshold(block, router, x_bsd, positions_bs, token_valid_bs, toke
     """Inference routing of the official code, static-shape and batched: a token is
     computed when p > threshold (prefill) or p >= threshold (a single decode token,
     which otherwise skips the layer and writes no cache entry). Computed tokens are
-    compacted to the front in order, so renumbered positions are their rank."""
+    compacted to the front in order, so renumbered positions are their rank.
+
+    Prefill computes only a static bucket of k tokens (`routing.threshold_bucket_sizes`),
+    the smallest covering the batch's largest kept count, chosen at run time with
+    `lax.switch`: one executable serves every input. Decoding skips the layer's compute
+    (`lax.cond`) when no example of the batch keeps its token. aux also holds `probability`
+    [b, s] (the router's p)."""
     logits = route_logits(block, router, x_bsd)
     p = routing.router_probabilities(logits)
-    if x_bsd.shape[1] == 1 and cache is not None:
+    s = x_bsd.shape[1]
+    if s == 1 and cache is not None:
         keep = (p >= threshold) & token_valid_bs
+        index = jnp.zeros_like(keep, jnp.int32)
+
+        def compute(x, cache):
+            return _compute_gathered(block, x, p, index, keep, keep, positions_bs, cfg, cache)
+
+        x_out, cache = jax.lax.cond(jnp.any(keep), compute, lambda x, cache: (x, cache), x_bsd, cache)
     else:
         keep = (p > threshold) & token_valid_bs
-    index = routing.compact_order(keep)
-    kept = gather_tokens(keep, index)
-    x_out, cache = _compute_gathered(block, x_bsd, p, index, kept, kept, positions_bs, cfg, cache)
-    aux = {"selected": keep, **routing.skip_statistics(keep, token_types_bs)}
+        order = routing.compact_order(keep)
+        sizes = routing.threshold_bucket_sizes(s, cfg)
+
+        def compute_bucket(k):
+            def compute(x, cache):
+                index = order[:, :k]
+                kept = gather_tokens(keep, index)
+                return _compute_gathered(block, x, p, index, kept, kept, positions_bs, cfg, cache)
+            return compute
+
+        branches = [compute_bucket(k) for k in sizes]
+        if len(branches) == 1:
+            x_out, cache = branches[0](x_bsd, cache)
+        else:
+            largest = jnp.max(jnp.sum(keep, axis=1, dtype=jnp.int32))
+            bucket = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), largest, side="left")
+            x_out, cache = jax.lax.switch(bucket, branches, x_bsd, cache)
+    aux = {"selected": keep, "probability": p, **routing.skip_statistics(keep, token_types_bs)}
     return x_out, cache, aux

@@ -5,6 +5,8 @@ Shapes: b = batch, s = sequence, k = tokens computed by a MoD layer (static).
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -49,6 +51,16 @@ def compact_order(keep_bs):
     """Indices [b, s] that put kept tokens first in their original order, then the rest:
     threshold routing with static shapes (kept tokens are compacted, the tail is masked)."""
     return jnp.argsort(~keep_bs, axis=-1, stable=True).astype(jnp.int32)
+
+
+def threshold_bucket_sizes(seq_len: int, cfg: MoDConfig) -> tuple:
+    """Static token counts a threshold-routed MoD layer may compute at this sequence
+    length: each of `cfg.threshold_buckets` (fractions of the sequence) rounded up to a
+    multiple of `cfg.threshold_bucket_multiple`, at most seq_len, ascending and distinct.
+    The largest is seq_len (the fractions end at 1.0), so no kept token is ever dropped."""
+    m = cfg.threshold_bucket_multiple
+    sizes = {min(seq_len, -(-math.ceil(f * seq_len) // m) * m) for f in cfg.threshold_buckets}
+    return tuple(sorted(sizes))
 
 
 def routing_loss(router_logits_bs2, selected_bs, loss_mask_bs=None):

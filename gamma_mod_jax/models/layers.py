@@ -56,24 +56,36 @@ class RMSNorm(nnx.Module):
         return self.scale[...].astype(self.dtype) * normed
 
 
-def dot_product_attention(q_bshd, k_bthd, v_bthd, mask_bqk: Optional[jax.Array], *,
-                          return_probs: bool = False):
+def dot_product_attention(q_bshd, k_bthd, v_bthd, mask_bqk: Optional[jax.Array] = None, *,
+                          is_causal: bool = False, return_probs: bool = False):
     """Softmax attention with grouped-query support and a boolean mask.
 
     q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim]
     with heads a multiple of kv_heads. mask: broadcastable to [batch, q_len, kv_len]
-    (True = may attend), or None. Scores and softmax run in float32.
-    Returns [batch, q_len, heads, head_dim] (and the [batch, heads, q_len, kv_len]
-    probabilities if asked, e.g. for ARank).
+    (True = may attend), or None; is_causal adds the causal (lower-triangular) mask.
+    Scores and softmax run in float32. Returns [batch, q_len, heads, head_dim].
+
+    Without return_probs this is `jax.nn.dot_product_attention` (XLA, or cuDNN where it
+    applies); a query with no visible key then gets some average of the values (only
+    padding rows, whose outputs nothing reads). return_probs=True takes the explicit
+    path and also returns the [batch, heads, q_len, kv_len] probabilities (ARank), with
+    zeros on fully masked rows.
     """
     b, s, h, d = q_bshd.shape
+    t = k_bthd.shape[1]
+    if not return_probs:
+        mask = None if mask_bqk is None else jnp.broadcast_to(mask_bqk, (b, s, t))[:, None]
+        return jax.nn.dot_product_attention(q_bshd, k_bthd, v_bthd, mask=mask, is_causal=is_causal)
+    if is_causal:
+        causal = jnp.tril(jnp.ones((s, t), bool))[None]
+        mask_bqk = causal if mask_bqk is None else mask_bqk & causal
     kv_heads = k_bthd.shape[2]
     groups = h // kv_heads
     q = q_bshd.reshape(b, s, kv_heads, groups, d)
     scores = jnp.einsum("bskgd,btkd->bkgst", q, k_bthd, preferred_element_type=jnp.float32)
     scores = scores * (1.0 / math.sqrt(d))
     if mask_bqk is not None:
-        mask = jnp.broadcast_to(mask_bqk, (b, s, k_bthd.shape[1]))[:, None, None]
+        mask = jnp.broadcast_to(mask_bqk, (b, s, t))[:, None, None]
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
     if mask_bqk is not None:
@@ -82,6 +94,4 @@ def dot_product_attention(q_bshd, k_bthd, v_bthd, mask_bqk: Optional[jax.Array],
     out = jnp.einsum("bkgst,btkd->bskgd", probs.astype(v_bthd.dtype), v_bthd,
                      preferred_element_type=jnp.float32)
     out = out.reshape(b, s, h, d).astype(q_bshd.dtype)
-    if return_probs:
-        return out, probs.reshape(b, h, s, -1)
-    return out
+    return out, probs.reshape(b, h, s, -1)

@@ -15,6 +15,7 @@ from flax import nnx
 
 from gamma_mod_jax.mod.config import MoDConfig
 from gamma_mod_jax.mod.layer import mod_layer_capacity, mod_layer_threshold
+from gamma_mod_jax.mod.routing import threshold_bucket_sizes
 from gamma_mod_jax.models.config import LlamaConfig
 from gamma_mod_jax.models.kv_cache import LayerCache
 from gamma_mod_jax.models.layers import RMSNorm, dot_product_attention, linear
@@ -39,17 +40,11 @@ def apply_rope(x_bshd, cos_bsd, sin_bsd):
     return out.astype(x_bshd.dtype)
 
 
-def last_valid_logits(logits_bsv, token_valid_bs):
-    """Logits at each example's last real token of a right-padded batch: [b, vocab]."""
-    last = jnp.sum(token_valid_bs, axis=1).astype(jnp.int32) - 1
-    return jnp.take_along_axis(logits_bsv, last[:, None, None], axis=1)[:, 0]
-
-
-def causal_mask(token_valid_bs):
-    """[batch, q, k] mask: causal, keys restricted to valid (non-padding) tokens."""
-    s = token_valid_bs.shape[1]
-    causal = jnp.tril(jnp.ones((s, s), bool))
-    return causal[None] & token_valid_bs[:, None, :]
+def last_valid_rows(x_bsd, token_valid_bs):
+    """Rows (logits or hidden states) at each example's last real token of a right-padded
+    batch: [b, s, d] -> [b, d]."""
+    last = jnp.maximum(jnp.sum(token_valid_bs, axis=1).astype(jnp.int32) - 1, 0)
+    return jnp.take_along_axis(x_bsd, last[:, None, None], axis=1)[:, 0]
 
 
 class LlamaAttention(nnx.Module):
@@ -64,8 +59,9 @@ class LlamaAttention(nnx.Module):
 
     def __call__(self, x_bsd, positions_bs, mask_bqk, cache: Optional[LayerCache] = None,
                  token_valid_bs=None, return_probs: bool = False):
-        """Self-attention. Without a cache `mask_bqk` is the [b, s, s] mask; with a cache
-        the new keys are written first and the mask comes from the cache."""
+        """Self-attention. Without a cache it is causal and `mask_bqk` (broadcastable to
+        [b, s, s], e.g. the valid keys [b, 1, s]) restricts it further; with a cache the
+        new keys are written first and the mask comes from the cache."""
         b, s, _ = x_bsd.shape
         q = self.q_proj(x_bsd).reshape(b, s, self.num_heads, self.head_dim)
         k = self.k_proj(x_bsd).reshape(b, s, self.kv_heads, self.head_dim)
@@ -78,7 +74,7 @@ class LlamaAttention(nnx.Module):
             # Prefill from an empty cache: the in-sequence mask equals the cache mask; the
             # cache mask is used in both cases so decode and prefill share one path.
             mask_bqk = cache_mask
-        result = dot_product_attention(q, k, v, mask_bqk, return_probs=return_probs)
+        result = dot_product_attention(q, k, v, mask_bqk, is_causal=cache is None, return_probs=return_probs)
         out, probs = result if return_probs else (result, None)
         out = self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))
         return out, cache, probs
@@ -170,11 +166,27 @@ class Llama(nnx.Module):
     def embed(self, input_ids_bs):
         return self.embed_tokens(input_ids_bs).astype(self.dtype)
 
-    def init_caches(self, batch: int, max_len: int) -> list:
-        """One empty fixed-size cache per layer."""
+    def cache_lengths(self, prompt_len: int, max_new_tokens: int = 0, routing: Optional[str] = None) -> list:
+        """Cache slots per layer for a prompt of `prompt_len` tokens and `max_new_tokens`
+        generated ones. Dense layers (and every layer when routing is None) hold all of
+        them. A MoD layer holds what its prefill may write plus the new tokens: under
+        capacity routing its static capacity (prompt_len - skipped); under threshold
+        routing its largest bucket, which is the whole prompt (any token may pass p > 0.005)."""
+        full = prompt_len + max_new_tokens
+        if routing is None or self.mod is None:
+            return [full] * self.config.num_hidden_layers
+        if routing == "capacity":
+            kept = prompt_len - self.mod.num_skipped(prompt_len, 0)
+        else:
+            kept = threshold_bucket_sizes(prompt_len, self.mod)[-1]
+        return [kept + max_new_tokens if i in self.mod_layers else full for i in range(self.config.num_hidden_layers)]
+
+    def init_caches(self, batch: int, prompt_len: int, max_new_tokens: int = 0, routing: Optional[str] = None) -> list:
+        """One empty fixed-size cache per layer, sized as `cache_lengths` says (full size,
+        prompt_len + max_new_tokens slots, for every layer when routing is None)."""
         c = self.config
-        return [LayerCache.zeros(batch, max_len, c.kv_heads, c.dim_per_head, self.dtype)
-                for _ in range(c.num_hidden_layers)]
+        return [LayerCache.zeros(batch, n, c.kv_heads, c.dim_per_head, self.dtype)
+                for n in self.cache_lengths(prompt_len, max_new_tokens, routing)]
 
     def decode_layers(self, x_bsd, positions_bs, token_valid_bs, caches: Optional[Sequence[LayerCache]] = None,
                       token_types_bs=None, routing: str = "capacity", attention_probe=None):
@@ -188,7 +200,8 @@ class Llama(nnx.Module):
         stacks per-MoD-layer statistics and, with a probe, holds its values under
         "attention_probe" ({} for a plain dense pass).
         """
-        mask = causal_mask(token_valid_bs) if caches is None else None
+        # Causal attention (added by the attention itself) over the valid keys.
+        mask = token_valid_bs[:, None, :] if caches is None else None
         new_caches, mod_aux, probed = [], [], []
         remat = self.remat != "none" and caches is None and attention_probe is None
         for i, layer in enumerate(self.layers):
@@ -247,8 +260,11 @@ class Llama(nnx.Module):
                                   self.mod, num_skipped, cache)
 
     def __call__(self, input_ids_bs=None, *, inputs_embeds=None, attention_mask=None, positions=None,
-                 caches=None, token_types=None, routing: str = "capacity", attention_probe=None):
-        """(logits [batch, seq, vocab] float32, updated caches, mod_aux).
+                 caches=None, token_types=None, routing: str = "capacity", attention_probe=None,
+                 last_only: bool = False):
+        """(logits [batch, seq, vocab] float32, updated caches, mod_aux); with last_only,
+        logits [batch, 1, vocab] at each example's last real token only (prefill: the LM
+        head runs on one row per example).
 
         Right padding: `attention_mask` [b, s] marks real tokens; positions default to
         0..s-1 (what HF does for right-padded batches) or, with caches, continue from
@@ -268,20 +284,20 @@ class Llama(nnx.Module):
             positions = start[:, None] + jnp.arange(s, dtype=jnp.int32)[None]
         hidden, caches, mod_aux = self.decode_layers(x, positions, token_valid, caches, token_types, routing,
                                                      attention_probe)
+        if last_only:
+            hidden = last_valid_rows(hidden, token_valid)[:, None]
         logits = self.lm_head(hidden).astype(jnp.float32)
         return logits, caches, mod_aux
 
     # --- generation interface (see gamma_mod_jax/models/generate.py) ---
 
-    def prefill_length(self, batch) -> int:
-        return batch["input_ids"].shape[1]
-
-    def prefill(self, batch, max_len: int):
-        """Runs the right-padded prompt into fresh caches; logits at each example's last token."""
+    def prefill(self, batch, max_new_tokens: int):
+        """Runs the right-padded prompt into fresh caches with room for `max_new_tokens`;
+        (logits [b, vocab] at each example's last token, caches, mod_aux)."""
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        caches = self.init_caches(ids.shape[0], max_len)
-        logits, caches, _ = self(ids, attention_mask=mask, caches=caches)
-        return last_valid_logits(logits, mask), caches
+        caches = self.init_caches(ids.shape[0], ids.shape[1], max_new_tokens, "capacity")
+        logits, caches, aux = self(ids, attention_mask=mask, caches=caches, last_only=True)
+        return logits[:, 0], caches, aux
 
     def decode_step(self, tokens_b1, caches):
         logits, caches, _ = self(tokens_b1, caches=caches)

@@ -16,7 +16,7 @@ from flax import nnx, struct
 
 from gamma_mod_jax import token_types as tt
 from gamma_mod_jax.models.config import MLLMConfig
-from gamma_mod_jax.models.llama import Llama, last_valid_logits
+from gamma_mod_jax.models.llama import Llama
 from gamma_mod_jax.models.projector import Projector
 from gamma_mod_jax.models.splice import IGNORE_INDEX, default_text_types, splice_layout
 from gamma_mod_jax.models.vision import build_vision_tower
@@ -94,16 +94,17 @@ class LlavaModel(nnx.Module):
 
     # --- generation interface (see gamma_mod_jax/models/generate.py) ---
 
-    def prefill_length(self, batch) -> int:
-        return batch["input_ids"].shape[1] - 1 + self.config.num_image_tokens
-
-    def prefill(self, batch, max_len: int):
+    def prefill(self, batch, max_new_tokens: int):
+        """Prompt into fresh caches (γ-MoD layers' sized by the inference routing, see
+        `Llama.cache_lengths`): (logits [b, vocab] at each example's last real token, caches,
+        mod_aux of the prompt)."""
         embeds, valid, types, _ = self.embed_multimodal(batch["input_ids"], batch["attention_mask"],
                                                         batch["pixel_values"], batch.get("token_types"))
-        caches = self.llm.init_caches(embeds.shape[0], max_len)
-        logits, caches, _ = self.llm(inputs_embeds=embeds, attention_mask=valid, caches=caches, token_types=types,
-                                     routing=self.inference_routing)
-        return last_valid_logits(logits, valid), caches
+        routing = self.inference_routing
+        caches = self.llm.init_caches(embeds.shape[0], embeds.shape[1], max_new_tokens, routing)
+        logits, caches, aux = self.llm(inputs_embeds=embeds, attention_mask=valid, caches=caches, token_types=types,
+                                       routing=routing, last_only=True)
+        return logits[:, 0], caches, aux
 
     def decode_step(self, tokens_b1, caches):
         # Generated tokens are answer tokens (always computed under the official policy).

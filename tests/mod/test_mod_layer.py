@@ -11,12 +11,18 @@ from flax import nnx
 from gamma_mod_jax import token_types as tt
 from gamma_mod_jax.mod.config import ALWAYS_KEEP, MoDConfig
 from gamma_mod_jax.models.config import LlamaConfig
-from gamma_mod_jax.models.llama import Llama, causal_mask
+from gamma_mod_jax.models.llama import Llama
 from tests.conftest import rel_err
 
 CFG = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2)
 ROUTABLE = 10  # image + system tokens in the layout below
+
+
+def causal_mask(token_valid_bs):
+    """[batch, q, k]: causal, keys restricted to valid (non-padding) tokens."""
+    s = token_valid_bs.shape[1]
+    return jnp.tril(jnp.ones((s, s), bool))[None] & token_valid_bs[:, None, :]
 
 
 def make_batch(rng, b=3, s=18):
@@ -179,11 +185,13 @@ def test_straight_through_weight_keeps_router_gradient(rng):
 
 
 def test_prefill_then_decode_equals_full_forward_under_threshold_routing(rng):
-    # Equal prefill and decode thresholds make the two inference rules one rule.
-    model = build(rng, prefill_threshold=0.5, decode_threshold=0.5)
+    # Equal prefill and decode thresholds make the two inference rules one rule. Buckets of
+    # 8, 12, 16 and 18 tokens: the prefill computes and caches a bucket of kept tokens.
+    model = build(rng, prefill_threshold=0.5, decode_threshold=0.5, threshold_buckets=(0.25, 0.5, 0.75, 1.0),
+                  threshold_bucket_multiple=4)
     ids, mask, types = make_batch(rng, b=2)
     steps = 4
-    caches = model.init_caches(2, ids.shape[1] + steps)
+    caches = model.init_caches(2, ids.shape[1], steps, "threshold")
     logits, caches, _ = model(ids, attention_mask=mask, token_types=types, caches=caches, routing="threshold")
     lengths = np.asarray(mask.sum(1))
     new_tokens = rng.integers(3, CFG.vocab_size, size=(2, steps)).astype(np.int32)
@@ -205,7 +213,7 @@ def test_prefill_then_decode_equals_full_forward_under_threshold_routing(rng):
 def test_decode_skip_writes_no_cache_entry(rng):
     model = build(rng, decode_threshold=1.1)  # p < 1.1 always: every decode token skips MoD layers
     ids, mask, types = make_batch(rng, b=2)
-    caches = model.init_caches(2, ids.shape[1] + 2)
+    caches = model.init_caches(2, ids.shape[1], 2)
     _, caches, _ = model(ids, attention_mask=mask, token_types=types, caches=caches, routing="threshold")
     before = [np.asarray(c.length) for c in caches]
     _, caches, _ = model(jnp.asarray([[5], [6]]), caches=caches, token_types=jnp.full((2, 1), tt.ANSWER),

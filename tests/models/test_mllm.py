@@ -12,7 +12,7 @@ from flax import nnx
 from gamma_mod_jax import api as gm
 from gamma_mod_jax import token_types as tt
 from gamma_mod_jax.models import generate as generate_module
-from gamma_mod_jax.models.llama import last_valid_logits
+from gamma_mod_jax.models.llama import last_valid_rows
 from launch.inspect import count_parameters
 from tests.conftest import rel_err
 from tests.torch_reference import TorchLlava, randomize_, to_nchw
@@ -90,7 +90,7 @@ def test_generation_equals_repeated_full_forwards_and_compiles_once(rng):
         for step in range(new):
             out = model(jnp.asarray([seq], jnp.int32), jnp.ones((1, len(seq)), jnp.int32), jnp.asarray(pixels[b:b + 1]))
             # The last real position (a text-only example is padded up to the spliced length).
-            token = int(jnp.argmax(last_valid_logits(out.logits, out.attention_mask)[0]))
+            token = int(jnp.argmax(last_valid_rows(out.logits, out.attention_mask)[0]))
             assert token == got[b, step], (b, step)
             if token == cfg.llm.eos_token_id:
                 break
