@@ -14,7 +14,8 @@ from gamma_mod_jax import api as gm
 from gamma_mod_jax import token_types as tt
 from gamma_mod_jax.mod.config import MoDConfig
 from gamma_mod_jax.models.config import LlamaConfig
-from gamma_mod_jax.models.llama import Llama, causal_mask
+from gamma_mod_jax.models.llama import Llama
+from tests.mod.test_mod_layer import causal_mask
 from tests.conftest import rel_err
 
 CFG = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4)
