@@ -22,10 +22,10 @@ $(TEST_STAMP): requirements.txt requirements-test.txt | $(PY)
 	touch $(RUNTIME_STAMP) $(TEST_STAMP)
 
 test: $(TEST_STAMP)
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 --dist worksteal tests
 
 test-fast: $(TEST_STAMP)
-	$(PY) -m pytest -q -n 2 -m "not slow" tests
+	$(PY) -m pytest -q -n 2 --dist worksteal -m "not slow" tests
 
 demo: $(RUNTIME_STAMP)
 	$(PY) -m launch.demo --out out/demo
