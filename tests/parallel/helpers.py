@@ -30,9 +30,16 @@ def child_env(devices: int = 1, **extra) -> dict:
 
 # Gloo creates its communicators at the first collective and waits a fixed 30 s for the
 # peers' keys: on an overloaded 2-core machine one process can still be compiling the step
-# then. That start-up failure (nothing trained or written yet) is retried once; any other
+# then (see processes_env). That start-up failure (nothing trained or written yet) is retried once; any other
 # failure, or the same one twice, fails the test.
 GLOO_START_TIMEOUT = "Gloo context initialization failed: DEADLINE_EXCEEDED"
+
+
+def processes_env(devices: int, **extra) -> dict:
+    """child_env for each process of a multi-process job, without the persistent compilation
+    cache: a process that finds its step executable there reaches the first collective long
+    before a peer that compiles it, past Gloo's fixed 30 s start-up wait."""
+    return child_env(devices=devices, JAX_ENABLE_COMPILATION_CACHE="false", **extra)
 
 
 def run(args, *, env, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:

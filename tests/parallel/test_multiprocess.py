@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from gamma_mod_jax.train.metrics import read_metrics
-from tests.parallel.helpers import LAUNCHER, child_env, run, train_args
+from tests.parallel.helpers import LAUNCHER, child_env, processes_env, run, train_args
 
 STEPS = 6  # the tiny recipe: 6 steps, a checkpoint every 3, metrics every step
 
@@ -22,7 +22,7 @@ STEPS = 6  # the tiny recipe: 6 steps, a checkpoint every 3, metrics every step
 def two_processes(workdir, *overrides, timeout=600, check=True, **env):
     """2 processes x 4 devices, 4 examples each: a global batch of 8."""
     args = ["bash", LAUNCHER, "2", "4", "--", *train_args(str(workdir), "--config.data.batch_size=4", *overrides)]
-    environment = child_env(devices=4, **env)
+    environment = processes_env(devices=4, **env)
     environment["XLA_FLAGS"] = "--xla_backend_optimization_level=0"  # the launcher adds the device count
     return run(args, env=environment, timeout=timeout, check=check)
 

@@ -17,7 +17,7 @@ import pytest
 
 from gamma_mod_jax.train.metrics import read_metrics
 from tests.data import varied_llava
-from tests.parallel.helpers import LAUNCHER, child_env, run
+from tests.parallel.helpers import LAUNCHER, child_env, processes_env, run
 
 STEPS = 6  # the tiny recipe: 6 steps of a global batch of 8, a checkpoint every 3
 EASY_VQA_BUCKETS = (58, 60, 62, 64)
@@ -32,7 +32,7 @@ def _args(workdir, data_args, batch_size):
 
 def two_processes(workdir, data_args):
     """2 processes x 4 devices, 4 examples each: a global batch of 8."""
-    environment = child_env(devices=4, GMJ_TEST_SHAPES_DIR=workdir)
+    environment = processes_env(devices=4, GMJ_TEST_SHAPES_DIR=workdir)
     environment["XLA_FLAGS"] = "--xla_backend_optimization_level=0"  # the launcher adds the device count
     return run(["bash", LAUNCHER, "2", "4", "--", *_args(workdir, data_args, 4)], env=environment, timeout=600)
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.parallel.helpers import REPO, child_env, train_args
+from tests.parallel.helpers import REPO, processes_env, train_args
 
 
 def _free_port() -> int:
@@ -21,7 +21,7 @@ def _free_port() -> int:
 def test_survivor_of_a_dead_peer_exits_2_naming_it(tmp_path):
     heartbeat = 60
     port = _free_port()
-    env = child_env(devices=1, GMJ_TEST_DIE_PROCESS=1, GMJ_TEST_DIE_AT=3)
+    env = processes_env(devices=1, GMJ_TEST_DIE_PROCESS=1, GMJ_TEST_DIE_AT=3)
     procs = []
     for index in range(2):
         args = [sys.executable, "-m", "launch.train",
