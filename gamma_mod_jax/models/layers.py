@@ -95,3 +95,25 @@ def dot_product_attention(q_bshd, k_bthd, v_bthd, mask_bqk: Optional[jax.Array] 
                      preferred_element_type=jnp.float32)
     out = out.reshape(b, s, h, d).astype(q_bshd.dtype)
     return out, probs.reshape(b, h, s, -1)
+
+
+def cached_attention(q_bshd, k_bktd, v_bktd, mask_bqk):
+    """Attention of new queries [batch, q_len, heads, head_dim] over a heads-major KV cache
+    (k, v: [batch, kv_heads, slots, head_dim], see `models/kv_cache.py`), mask broadcastable
+    to [batch, q_len, slots]. Returns [batch, q_len, heads, head_dim].
+
+    A decode step (q_len 1) reads the cache in place with a grouped einsum (scores and
+    softmax in float32); `jax.nn.dot_product_attention` wants token-major keys, and
+    transposing every layer's cache at every step cost more than the attention itself. A
+    prompt (q_len > 1) transposes the cache once and takes `dot_product_attention`.
+    """
+    b, s, h, d = q_bshd.shape
+    if s > 1:
+        return dot_product_attention(q_bshd, jnp.swapaxes(k_bktd, 1, 2), jnp.swapaxes(v_bktd, 1, 2), mask_bqk)
+    kv_heads, t = k_bktd.shape[1], k_bktd.shape[2]
+    q = q_bshd.reshape(b, s, kv_heads, h // kv_heads, d)
+    scores = jnp.einsum("bskgd,bktd->bkgst", q, k_bktd, preferred_element_type=jnp.float32) * (1.0 / math.sqrt(d))
+    mask = jnp.broadcast_to(mask_bqk, (b, s, t))[:, None, None]
+    probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)
+    out = jnp.einsum("bkgst,bktd->bskgd", probs.astype(v_bktd.dtype), v_bktd, preferred_element_type=jnp.float32)
+    return out.reshape(b, s, h, d).astype(q_bshd.dtype)

@@ -18,7 +18,7 @@ from gamma_mod_jax.mod.layer import mod_layer_capacity, mod_layer_threshold
 from gamma_mod_jax.mod.routing import threshold_bucket_sizes
 from gamma_mod_jax.models.config import LlamaConfig
 from gamma_mod_jax.models.kv_cache import LayerCache
-from gamma_mod_jax.models.layers import RMSNorm, dot_product_attention, linear
+from gamma_mod_jax.models.layers import RMSNorm, cached_attention, dot_product_attention, linear
 
 
 def rope_cos_sin(positions_bs, head_dim: int, theta: float):
@@ -68,14 +68,16 @@ class LlamaAttention(nnx.Module):
         v = self.v_proj(x_bsd).reshape(b, s, self.kv_heads, self.head_dim)
         cos, sin = rope_cos_sin(positions_bs, self.head_dim, self.theta)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
+        if cache is None:
+            result = dot_product_attention(q, k, v, mask_bqk, is_causal=True, return_probs=return_probs)
+            out, probs = result if return_probs else (result, None)
+        else:
+            if return_probs:
+                raise ValueError("attention maps are probed on passes without a KV cache")
             cache, cache_mask = cache.write(k, v, token_valid_bs)
-            k, v = cache.k.astype(q.dtype), cache.v.astype(q.dtype)
             # Prefill from an empty cache: the in-sequence mask equals the cache mask; the
             # cache mask is used in both cases so decode and prefill share one path.
-            mask_bqk = cache_mask
-        result = dot_product_attention(q, k, v, mask_bqk, is_causal=cache is None, return_probs=return_probs)
-        out, probs = result if return_probs else (result, None)
+            out, probs = cached_attention(q, cache.k.astype(q.dtype), cache.v.astype(q.dtype), cache_mask), None
         out = self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))
         return out, cache, probs
 

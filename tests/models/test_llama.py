@@ -127,3 +127,19 @@ def test_generation_compiles_once_per_bucket(rng):
         generate(ours, {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask)},
                  max_new_tokens=4, eos_id=1)
     assert gen_mod._generate._cache_size() == 1
+
+
+@pytest.mark.parametrize("q_len", [1, 3])
+def test_cached_attention_equals_explicit_attention(rng, q_len):
+    """Attention over a heads-major cache (decode reads it in place, a prompt transposes it)
+    equals the explicit grouped-query attention over the same keys in token-major layout."""
+    from gamma_mod_jax.models.layers import cached_attention, dot_product_attention
+    b, heads, kv_heads, slots, d = 3, 4, 2, 7, 8
+    q = jnp.asarray(rng.standard_normal((b, q_len, heads, d)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((b, kv_heads, slots, d)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((b, kv_heads, slots, d)), jnp.float32)
+    mask = rng.random((b, q_len, slots)) < 0.6
+    mask[:, :, 0] = True  # every query sees some key
+    want, _ = dot_product_attention(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), jnp.asarray(mask),
+                                    return_probs=True)
+    assert rel_err(cached_attention(q, k, v, jnp.asarray(mask)), want) < 1e-5
