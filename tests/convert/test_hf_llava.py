@@ -17,7 +17,8 @@ import transformers
 
 import gamma_mod_jax as gm
 from gamma_mod_jax.convert.checkpoint import load_checkpoint
-from gamma_mod_jax.convert.hf_config import EXTRA_KEY, hf_config_from_mllm
+from gamma_mod_jax.convert.hf_config import CLIP_HR, CONVNEXT, EXTRA_KEY, hf_config_from_mllm, mllm_config_from_hf
+from gamma_mod_jax.convert.keymap_mgm import AUX_PREFIX, CLIP_PREFIX
 from tests.conftest import rel_err
 from tests.convert.test_convert import assert_refused, assert_same_tensors, original_checkpoint, run_cli, write_original
 from tests.torch_reference import randomize_, to_nchw
@@ -221,3 +222,33 @@ def test_tower_settings_from_an_override_a_local_tower_or_the_hf_cache(rng, tmp_
     (tmp_path / "src" / "config.json").write_text(json.dumps({**config, "mm_vision_tower": "someone/tiny-vit"}))
     assert run_cli("--src", tmp_path / "src", "--dst", tmp_path / "cached") == 0
     assert same_model(tmp_path / "cached", cfg)
+
+
+def vision_shapes(cfg):
+    """{key: shape} of the vision-tower weights the config reader looks at, for `cfg`'s towers
+    under the original keys (LLaVA-HR or MGM)."""
+    clip_prefix, trunk, stages = ((CLIP_HR, CONVNEXT, "stages") if cfg.family == "llava_hr"
+                                  else (CLIP_PREFIX, AUX_PREFIX, "vision_stages"))
+    c, side = cfg.clip, cfg.clip.image_size // cfg.clip.patch_size
+    shapes = {clip_prefix + "embeddings.patch_embedding.weight": (c.hidden_size, 3, c.patch_size, c.patch_size),
+              clip_prefix + "embeddings.position_embedding.weight": (side * side + 1, c.hidden_size),
+              trunk + "stem.0.weight": (cfg.convnext.dims[0], 3, 4, 4)}
+    for i in range(c.num_hidden_layers):
+        shapes[clip_prefix + f"encoder.layers.{i}.mlp.fc1.weight"] = (c.intermediate_size, c.hidden_size)
+    for s, (depth, dim) in enumerate(zip(cfg.convnext.depths, cfg.convnext.dims)):
+        for b in range(depth):
+            shapes[f"{trunk}{stages}.{s}.blocks.{b}.conv_dw.weight"] = (dim, 1, 7, 7)
+    return shapes
+
+
+@pytest.mark.parametrize("spec", ["configs/llava_hr_7b.py", "configs/llava_hr_x_13b.py", "configs/mgm_hd_7b.py"])
+def test_public_towers_named_in_config_json_give_their_settings(spec):
+    """config.json as the original code writes it (no key of ours) for the published models:
+    CLIP-L/14-336's 16 heads, ConvNeXt-L's / -XXL's LayerNorm eps (1e-6 / 1e-5) from the table,
+    on the full-size towers' weight shapes."""
+    cfg = gm.model_config(spec)
+    config = hf_config_from_mllm(cfg)
+    del config[EXTRA_KEY]
+    got = mllm_config_from_hf(config, vision_shapes(cfg))
+    assert got.clip == cfg.clip and got.convnext == cfg.convnext
+    assert got.clip.num_attention_heads == 16
