@@ -1,6 +1,7 @@
 """Converts checkpoints between the original PyTorch code and ours.
 
-    python -m launch.convert --src <hf dir> --dst <dir> [--arank <file>] [--dtype bf16|fp32] [--vision-config <file>]
+    python -m launch.convert --src <hf dir> --dst <dir> [--arank <file>] [--dtype bf16|fp32]
+                             [--vision-config <file>]
     python -m launch.convert --export [--format original|hf-llava] --src <our checkpoint> --dst <hf dir>
 
 Import reads an HF-style directory (config.json plus `model*.safetensors` or
@@ -9,9 +10,10 @@ Import reads an HF-style directory (config.json plus `model*.safetensors` or
 Orbax checkpoint with `model_config.json` and `config.py` (an ml-collections config) beside
 it. Vision-tower settings the weights do not fix (head count, LayerNorm eps) come from the
 checkpoint, `--vision-config`, the tower `mm_vision_tower` names (local directory or local
-HF cache) or a table of public towers; otherwise the conversion stops and says so. `--arank` turns a dense checkpoint into a γ-MoD one: MoD layers from a
-γ-MoD config.json, our ARank JSON or the official ARank log (rule: --keep-dense N, default
-4, or --threshold X), the shared router initialised as the MoD config says.
+HF cache) or a table of public towers; otherwise the conversion stops and says so.
+`--arank` turns a dense checkpoint into a γ-MoD one: MoD layers from a γ-MoD config.json,
+our ARank JSON or the official ARank log (rule: --keep-dense N, default 4, or --threshold
+X), the shared router initialised as the MoD config says.
 `--export` writes our checkpoint back as safetensors shards + index + config.json, in the
 original layout or (`--format hf-llava`, LLaVA-1.5 only) as transformers' Llava.
 Both directions stream tensor by tensor and write atomically: on any error nothing is

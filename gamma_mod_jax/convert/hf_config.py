@@ -127,7 +127,7 @@ def mllm_config_from_hf(config: Mapping, shapes: Mapping[str, tuple], source: st
     validate_hf_config(config, source)
     if _is_hf_llava(config):
         from gamma_mod_jax.convert.hf_llava import mllm_config_from_hf_llava
-        return mllm_config_from_hf_llava(config, shapes, source)
+        return mllm_config_from_hf_llava(config, shapes, source, vision_config)
     override = vision_config or {}
     model_type = config.get("model_type")
     if model_type in ("mgm", "mod_mgm"):

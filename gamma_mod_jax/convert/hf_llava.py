@@ -24,7 +24,8 @@ from typing import Mapping, Optional, Sequence
 from gamma_mod_jax.convert.hf_config import LLAMA_FIELDS, count_indexed, validate_hf_config
 from gamma_mod_jax.convert.hf_files import CheckpointError
 from gamma_mod_jax.convert.keymap import DEFAULT_IGNORED, KeyMap
-from gamma_mod_jax.convert.vision_towers import CLIP_SIZE_FIELDS, hf_clip_vision_fields
+from gamma_mod_jax.convert.vision_towers import (CLIP_SETTINGS, CLIP_SIZE_FIELDS, check_override_agrees,
+                                                 hf_clip_vision_fields)
 from gamma_mod_jax.models.config import ClipConfig, LlamaConfig, MLLMConfig
 
 ARCHITECTURE = "LlavaForConditionalGeneration"
@@ -135,12 +136,14 @@ def hf_llava_keymap(keys: Sequence[str]) -> KeyMap:
 EXPORT_KEYMAP = hf_llava_keymap(["vision_tower.vision_model."])  # the hub layout
 
 
-def mllm_config_from_hf_llava(config: Mapping, shapes: Mapping[str, tuple], source: str = "config.json") -> MLLMConfig:
+def mllm_config_from_hf_llava(config: Mapping, shapes: Mapping[str, tuple], source: str = "config.json",
+                              vision_config: Optional[Mapping] = None) -> MLLMConfig:
     """Our config of a transformers Llava checkpoint; CLIP's sizes from vision_config are
-    checked against the weights'."""
+    checked against the weights', an override (`vision_config`) against its settings."""
     validate_hf_llava_config(config, source)
     llava, text = llava_fields(config, source), text_fields(config, source)
     vision = hf_clip_vision_fields(config.get("vision_config") or HF_LLAVA_VISION_DEFAULT, source)
+    check_override_agrees(vision, (vision_config or {}).get("clip"), CLIP_SETTINGS + CLIP_SIZE_FIELDS, source)
     keymap = hf_llava_keymap(list(shapes))
     tower = keymap.prefixes[-1][1]
     try:

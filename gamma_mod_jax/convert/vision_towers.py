@@ -93,6 +93,15 @@ def _check_sizes(found: Mapping, sizes: Mapping, what: str, source: str) -> None
         raise CheckpointError(f"{source}: {what} does not describe the tower in the weights: {'; '.join(wrong)}")
 
 
+def check_override_agrees(held: Mapping, override: Optional[Mapping], fields, source: str) -> None:
+    """An override of settings the checkpoint holds must say the same (else it is a mistake)."""
+    differ = [f"{k} {override[k]} (checkpoint: {held[k]})" for k in fields
+              if override and override.get(k) is not None and override[k] != held[k]]
+    if differ:
+        raise CheckpointError(f"{source}: --vision-config contradicts the settings the checkpoint holds: "
+                              f"{'; '.join(differ)}")
+
+
 def _local_tower_config(name: str) -> Tuple[Optional[dict], str]:
     """(config.json of tower `name`, where it was found) from a local directory or the HF cache."""
     if os.path.isdir(name):
@@ -114,7 +123,8 @@ def clip_settings(sizes: Mapping, *, held: Optional[Mapping], override: Optional
     weights have `sizes` (CLIP_SIZE_FIELDS). `held`: the checkpoint's own record (our key),
     `override`: the override file's `clip` entry, `tower_name`: config.json's `field`."""
     if held and all(held.get(k) is not None for k in CLIP_SETTINGS):
-        return {k: held[k] for k in CLIP_SETTINGS}, f"{source} ({field} settings recorded by gamma_mod_jax)"
+        check_override_agrees(held, override, CLIP_SETTINGS, source)
+        return {k: held[k] for k in CLIP_SETTINGS}, f"{source} (settings recorded by gamma_mod_jax)"
     if override:
         _check_sizes(override, sizes, "the --vision-config CLIP config", source)
         return {k: override[k] for k in CLIP_SETTINGS}, "--vision-config"
@@ -141,6 +151,7 @@ def convnext_layer_norm_eps(depths, dims, *, held: Optional[float], override: Op
                             field: str, source: str) -> Tuple[float, str]:
     """(ConvNeXt LayerNorm eps, where it came from) for the trunk with these depths and widths."""
     if held is not None:
+        check_override_agrees({"layer_norm_eps": held}, override, ("layer_norm_eps",), source)
         return float(held), f"{source} (settings recorded by gamma_mod_jax)"
     if override and override.get("layer_norm_eps") is not None:
         return float(override["layer_norm_eps"]), "--vision-config"

@@ -252,3 +252,10 @@ def test_public_towers_named_in_config_json_give_their_settings(spec):
     got = mllm_config_from_hf(config, vision_shapes(cfg))
     assert got.clip == cfg.clip and got.convnext == cfg.convnext
     assert got.clip.num_attention_heads == 16
+
+
+def test_an_override_that_contradicts_the_checkpoint_is_refused(rng, tmp_path, capsys):
+    write_layout(hf_llava(rng), tmp_path / "src", "new")
+    (tmp_path / "towers.json").write_text(json.dumps({"clip": {"num_attention_heads": 2, "layer_norm_eps": 1e-5}}))
+    assert_refused(capsys, tmp_path, ["--src", tmp_path / "src", "--vision-config", tmp_path / "towers.json"],
+                   "contradicts", "num_attention_heads 2 (checkpoint: 4)")
