@@ -104,8 +104,15 @@ def validate_hf_llava_config(config: Mapping, source: str = "config.json") -> No
     text = text_fields(config, source)
     validate_hf_config({k: v for k, v in text.items() if k in ("model_type",) + LLAMA_FIELDS},
                        f"{source} (text_config)")
-    vision = config.get("vision_config")
-    hf_clip_vision_fields(HF_LLAVA_VISION_DEFAULT if vision is None else vision, f"{source} (vision_config)")
+    vision = HF_LLAVA_VISION_DEFAULT if config.get("vision_config") is None else config["vision_config"]
+    if not isinstance(vision, dict) or vision.get("model_type", "clip_vision_model") != "clip_vision_model":
+        found = vision.get("model_type") if isinstance(vision, dict) else vision
+        raise _bad(source, "vision_config.model_type" if isinstance(vision, dict) else "vision_config", found,
+                   '"clip_vision_model" (a CLIP tower; others are not supported)')
+    n_states = hf_clip_vision_fields(vision, f"{source} (vision_config)")["num_hidden_layers"] + 1
+    if not -n_states <= llava["vision_feature_layer"] < n_states:
+        raise _bad(source, "vision_feature_layer", llava["vision_feature_layer"],
+                   f"a hidden-state index in [-{n_states}, {n_states}) (the tower has {n_states - 1} layers)")
     token = llava["image_token_index"]
     if not (isinstance(token, int) and 0 <= token < text["vocab_size"]):
         raise _bad(source, "image_token_index", token, f"a token id in the vocabulary [0, {text['vocab_size']})")

@@ -27,18 +27,22 @@ IMAGE_ID = 90  # transformers' image token: an id inside the vocabulary
 VOCAB = 96
 
 
-def hf_llava(rng, strategy="default", feature_layer=-2):
-    """A tiny random LlavaForConditionalGeneration: LLaMA 64 wide, 4 query / 2 key-value heads of
-    16, CLIP 64 wide with 4 heads of 16, 3x3 patches (9 image features, 10 with 'full')."""
+def hf_llava_config(strategy="default", feature_layer=-2):
+    """LLaMA 64 wide, 4 query / 2 key-value heads of 16, CLIP 64 wide with 4 heads of 16,
+    3x3 patches (9 image features, 10 with 'full')."""
     text = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                     num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
                                     max_position_embeddings=128, rope_theta=500.0, attn_implementation="eager")
     vision = transformers.CLIPVisionConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                            num_attention_heads=4, image_size=42, patch_size=14, layer_norm_eps=1e-5,
                                            attn_implementation="eager")
-    config = transformers.LlavaConfig(text_config=text, vision_config=vision, image_token_index=IMAGE_ID,
-                                      vision_feature_layer=feature_layer, vision_feature_select_strategy=strategy)
-    model = transformers.LlavaForConditionalGeneration(config)
+    return transformers.LlavaConfig(text_config=text, vision_config=vision, image_token_index=IMAGE_ID,
+                                    vision_feature_layer=feature_layer, vision_feature_select_strategy=strategy)
+
+
+def hf_llava(rng, strategy="default", feature_layer=-2):
+    """A tiny random LlavaForConditionalGeneration (hf_llava_config)."""
+    model = transformers.LlavaForConditionalGeneration(hf_llava_config(strategy, feature_layer))
     randomize_(model, int(rng.integers(1 << 30)), std=0.1)
     return model.eval()
 
@@ -259,3 +263,22 @@ def test_an_override_that_contradicts_the_checkpoint_is_refused(rng, tmp_path, c
     (tmp_path / "towers.json").write_text(json.dumps({"clip": {"num_attention_heads": 2, "layer_norm_eps": 1e-5}}))
     assert_refused(capsys, tmp_path, ["--src", tmp_path / "src", "--vision-config", tmp_path / "towers.json"],
                    "contradicts", "num_attention_heads 2 (checkpoint: 4)")
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"vision_feature_layer": [-2, -1]}, "'vision_feature_layer' is [-2, -1]"),
+    ({"vision_feature_layer": 3}, "in [-3, 3)"),
+    ({"vision_feature_select_strategy": "cls"}, "'default' or 'full'"),
+    ({"image_token_index": VOCAB}, f"'image_token_index' is {VOCAB}"),
+    ({"vision_config": {"model_type": "siglip_vision_model"}}, "siglip_vision_model"),
+    ({"text_config": {"model_type": "qwen2"}}, "'text_config.model_type' is \"qwen2\""),
+    ({"text_config": {"hidden_size": "64"}}, "'hidden_size' is \"64\""),
+])
+def test_unsupported_or_bad_llava_config_fields_are_named(tmp_path, capsys, change, needle):
+    """Refused from config.json alone, before any weight is read (there are none)."""
+    config = hf_llava_config().to_dict()
+    for key, value in change.items():
+        config[key] = {**config[key], **value} if isinstance(value, dict) else value
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "config.json").write_text(json.dumps(config))
+    assert_refused(capsys, tmp_path, ["--src", tmp_path / "src"], tmp_path / "src" / "config.json", needle)
