@@ -8,7 +8,7 @@ the module tree of transformers >= 4.52 (`model.language_model.`, `model.vision_
 checkpoints, which transformers 5 still writes (`language_model.model.`, `vision_tower.`,
 `multi_modal_projector.`, `language_model.lm_head.`); CLIP's own `vision_model.` level is
 there (transformers 4) or not (transformers 5). Export writes the hub layout with the
-`vision_model.` level, which transformers 4 and 5 both load.
+`vision_model.` level (that of the llava-hf checkpoints, which transformers 5 loads as well).
 
 Image tokens: transformers' prompts hold one `image_token_index` per image feature; our model
 takes one placeholder, `MLLMConfig.image_token_index`, and splices the features there. The
