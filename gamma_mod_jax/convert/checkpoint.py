@@ -34,7 +34,8 @@ from orbax.checkpoint.experimental import v1 as ocp
 from gamma_mod_jax.convert.hf_config import (hf_config_from_mllm, mllm_config_from_hf, mllm_config_to_dict,
                                              validate_hf_config)
 from gamma_mod_jax.convert.hf_files import (CheckpointError, LazyStateDict, SafetensorsShardWriter, read_json)
-from gamma_mod_jax.convert.keymap import (from_torch_array, match_state_dict, mllm_keymap, param_paths,
+from gamma_mod_jax.convert.hf_llava import EXPORT_KEYMAP, hf_llava_config_from_mllm, hf_llava_keymap, is_hf_llava
+from gamma_mod_jax.convert.keymap import (KeyMap, from_torch_array, match_state_dict, mllm_keymap, param_paths,
                                           to_torch_layout)
 from gamma_mod_jax.convert.manifest import verify_manifest, write_manifest
 from gamma_mod_jax.models.config import MLLMConfig
@@ -236,10 +237,11 @@ def load_checkpoint(src: str, sharding_for: Optional[Callable] = None, config: O
 # --------------------------------------------------------------------------- import
 
 
-def _with_dtype(cfg: MLLMConfig, dtype: Optional[str], state_dict: LazyStateDict) -> MLLMConfig:
+def _with_dtype(cfg: MLLMConfig, dtype: Optional[str], state_dict: LazyStateDict, keymap) -> MLLMConfig:
     """Parameters and compute in `dtype`, by default in the dtype the LLM weights are stored in."""
     if dtype is None:
-        stored = state_dict["model.embed_tokens.weight"].dtype if "model.embed_tokens.weight" in state_dict else None
+        embed = keymap.torch_key(("llm", "embed_tokens", "embedding"))
+        stored = state_dict[embed].dtype if embed in state_dict else None
         dtype = stored if stored in ("float32", "bfloat16", "float16") else cfg.param_dtype
     return dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
 
@@ -265,13 +267,21 @@ def _checked_tensor(tensor, key: str, shard: str, allow_nonfinite: bool) -> np.n
     return value
 
 
+def _source_keymap(hf_config: dict, cfg: MLLMConfig, keys) -> KeyMap:
+    if is_hf_llava(hf_config):
+        return hf_llava_keymap(list(keys))
+    return mllm_keymap(cfg.family, _source_mod_layers(cfg))
+
+
 def convert_hf_checkpoint(src: str, dst: str, *, dtype: Optional[str] = None, mod=None, seed: int = 0,
                           part_bytes: Optional[int] = None, allow_nonfinite: bool = False,
-                          log: Callable[[str], None] = print) -> MLLMConfig:
-    """Converts an original LLaVA / LLaVA-HR / γ-MoD checkpoint directory into our checkpoint
-    at `dst`, streaming shard by shard. `dtype`: parameter and compute dtype of the result
-    (default: as the config says). `mod`: a MoDConfig turning a dense checkpoint into a γ-MoD
-    one (the router drawn from `seed`). config.json is validated before any weight file is
+                          vision_config: Optional[dict] = None, log: Callable[[str], None] = print) -> MLLMConfig:
+    """Converts an original LLaVA / LLaVA-HR / Mini-Gemini / γ-MoD checkpoint directory, or a
+    transformers LlavaForConditionalGeneration one, into our checkpoint at `dst`, streaming
+    shard by shard. `dtype`: parameter and compute dtype of the result (default: as stored).
+    `mod`: a MoDConfig turning a dense checkpoint into a γ-MoD one (the router drawn from
+    `seed`). `vision_config`: vision-tower settings the checkpoint lacks
+    (vision_towers.read_vision_config). config.json is validated before any weight file is
     opened; integer tensors and (unless `allow_nonfinite`) NaN/Inf values are errors.
     Returns the written model config."""
     from gamma_mod_jax.api import abstract_model
@@ -281,8 +291,10 @@ def convert_hf_checkpoint(src: str, dst: str, *, dtype: Optional[str] = None, mo
     hf_config = read_json(config_path)
     validate_hf_config(hf_config, config_path)
     state_dict = LazyStateDict(src)
-    source_cfg = mllm_config_from_hf(hf_config, {k: state_dict[k].shape for k in state_dict}, source=config_path)
-    cfg = _with_dtype(source_cfg, dtype, state_dict)
+    source_cfg = mllm_config_from_hf(hf_config, {k: state_dict[k].shape for k in state_dict}, source=config_path,
+                                     vision_config=vision_config)
+    keymap = _source_keymap(hf_config, source_cfg, state_dict)
+    cfg = _with_dtype(source_cfg, dtype, state_dict, keymap)
     if mod is not None:
         if cfg.mod is not None:
             raise CheckpointError(f"{config_path}: already a γ-MoD checkpoint (MoD layers {list(cfg.mod.layers)}); "
@@ -290,7 +302,6 @@ def convert_hf_checkpoint(src: str, dst: str, *, dtype: Optional[str] = None, mo
         cfg = dataclasses.replace(cfg, mod=mod)
     model = abstract_model(cfg)  # validates the config (e.g. MoD layers that do not exist)
     adapting = mod is not None
-    keymap = mllm_keymap(cfg.family, _source_mod_layers(source_cfg))
     params = param_paths(model)
     is_router = lambda path: path[:2] == ("llm", "router")
     chosen = match_state_dict(params, state_dict, keymap, source=src, skip=is_router if adapting else lambda p: False)
@@ -340,16 +351,31 @@ def convert_hf_checkpoint(src: str, dst: str, *, dtype: Optional[str] = None, mo
 # --------------------------------------------------------------------------- export
 
 
-def export_hf_checkpoint(src: str, dst: str, *, max_shard_bytes: int = 5 * 2**30,
-                         log: Callable[[str], None] = print) -> None:
-    """Writes our checkpoint `src` as an HF-style directory the original PyTorch code loads
-    (safetensors shards + index + config.json), streaming shard by shard, atomically."""
+EXPORT_FORMATS = ("original", "hf-llava")
+
+
+def export_hf_checkpoint(src: str, dst: str, *, format: str = "original", image_token_index: Optional[int] = None,
+                         max_shard_bytes: int = 5 * 2**30, log: Callable[[str], None] = print) -> None:
+    """Writes our checkpoint `src` as an HF-style directory (safetensors shards + index +
+    config.json), streaming shard by shard, atomically. `format`: 'original', the layout the
+    original LLaVA / LLaVA-HR / Mini-Gemini / γ-MoD code loads, or 'hf-llava', transformers'
+    LlavaForConditionalGeneration (LLaVA-1.5 models only; `image_token_index` sets its image
+    token id when the model's placeholder lies outside the vocabulary)."""
     from gamma_mod_jax.api import abstract_model
 
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {format!r}; expected one of {', '.join(EXPORT_FORMATS)}")
+    if image_token_index is not None and format != "hf-llava":
+        raise ValueError("--image-token-index applies to --format hf-llava only")
     verify_manifest(os.path.abspath(src))
     cfg = read_model_config(src)
+    if format == "hf-llava":
+        hf_config = hf_llava_config_from_mllm(cfg, image_token_index)  # refuses what the class cannot hold
+        keymap = EXPORT_KEYMAP
+    else:
+        hf_config = hf_config_from_mllm(cfg)
+        keymap = mllm_keymap(cfg.family, _source_mod_layers(cfg))
     model = abstract_model(cfg)
-    keymap = mllm_keymap(cfg.family, _source_mod_layers(cfg))
     cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     groups: List[List[Tuple[Path, jax.ShapeDtypeStruct]]] = [[]]
     size = 0
@@ -361,7 +387,7 @@ def export_hf_checkpoint(src: str, dst: str, *, max_shard_bytes: int = 5 * 2**30
             size = 0
         groups[-1].append((path, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=cpu)))
         size += nbytes
-    log(f"{src}: exporting {cfg.family} to {dst} in {len(groups)} safetensors file(s)")
+    log(f"{src}: exporting {cfg.family} to {dst} ({format} layout) in {len(groups)} safetensors file(s)")
     with atomic_directory(dst, log) as tmp:
         writer = SafetensorsShardWriter(tmp, num_shards=len(groups))
         for number, group in enumerate(groups, 1):
@@ -373,5 +399,5 @@ def export_hf_checkpoint(src: str, dst: str, *, max_shard_bytes: int = 5 * 2**30
                     tensors[key] = array
             name = writer.write(tensors)
             log(f"  [{number}/{len(groups)}] {name}: {len(tensors)} tensors")
-        writer.finish(hf_config_from_mllm(cfg))
+        writer.finish(hf_config)
     log(f"wrote {dst}")

@@ -1,8 +1,11 @@
-"""config.json of the original LLaVA / LLaVA-HR / γ-MoD code <-> our MLLMConfig.
+"""config.json of the original LLaVA / LLaVA-HR / γ-MoD code <-> our MLLMConfig
+(transformers' LlavaForConditionalGeneration in hf_llava.py, Mini-Gemini in hf_config_mgm.py).
 
 Vision-tower sizes are not in config.json (it names a hub model), so they are read
 from the weights' shapes: CLIP from its patch/position embeddings and layer count,
 ConvNeXt-L vs -XXL from its stem and stage depths, MR-Adapters from their presence.
+What the shapes do not determine (head count, LayerNorm eps) comes from vision_towers.py:
+the checkpoint, an override, the named tower's own config, or a table of public towers.
 """
 
 from __future__ import annotations
@@ -10,10 +13,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from typing import Mapping
+from typing import Mapping, Optional
 
 from gamma_mod_jax.convert.hf_files import CheckpointError
-from gamma_mod_jax.models import presets
+from gamma_mod_jax.convert.vision_towers import clip_settings, convnext_layer_norm_eps
 from gamma_mod_jax.models.config import ClipConfig, ConvNextConfig, LlamaConfig, MLLMConfig
 
 KNOWN_MODEL_TYPES = ("llava", "llava_llama", "mod_llava_llama")
@@ -69,6 +72,9 @@ def validate_hf_config(config, source: str = "config.json") -> None:
     CheckpointError naming the file, the field, its value and the expected type."""
     if not isinstance(config, dict):
         raise CheckpointError(f"{source}: expected a JSON object, got {type(config).__name__}")
+    if _is_hf_llava(config):
+        from gamma_mod_jax.convert.hf_llava import validate_hf_llava_config  # it builds on this module
+        return validate_hf_llava_config(config, source)
 
     def bad(field, value, expected):
         return CheckpointError(f"{source}: field {field!r} is {json.dumps(value)} ({type(value).__name__}); "
@@ -94,18 +100,39 @@ def validate_hf_config(config, source: str = "config.json") -> None:
         raise bad("mod.router_aux_loss_coef", coef, "a non-negative finite number")
 
 
-def _count(keys, pattern: str) -> int:
+def _is_hf_llava(config) -> bool:
+    from gamma_mod_jax.convert.hf_llava import is_hf_llava
+    return is_hf_llava(config)
+
+
+def num_llm_layers(config) -> int:
+    """The LLM's layer count of a validated config.json (nested for transformers' Llava)."""
+    if _is_hf_llava(config):
+        from gamma_mod_jax.convert.hf_llava import num_llm_layers as hf_layers
+        return hf_layers(config)
+    return config["num_hidden_layers"]
+
+
+def count_indexed(keys, pattern: str) -> int:
+    """1 + the largest index the regex `pattern`'s group matches among `keys` (0 if none)."""
     found = {int(m.group(1)) for k in keys for m in [re.match(pattern, k)] if m}
     return max(found) + 1 if found else 0
 
 
-def mllm_config_from_hf(config: Mapping, shapes: Mapping[str, tuple], source: str = "config.json") -> MLLMConfig:
-    """Our config for an original checkpoint: its config.json and {key: shape} of its weights."""
+def mllm_config_from_hf(config: Mapping, shapes: Mapping[str, tuple], source: str = "config.json",
+                        vision_config: Optional[Mapping] = None) -> MLLMConfig:
+    """Our config for an original or transformers-Llava checkpoint: its config.json and
+    {key: shape} of its weights. `vision_config`: the override's {"clip": ..., "convnext": ...}
+    (vision_towers.read_vision_config), used where the checkpoint lacks those settings."""
     validate_hf_config(config, source)
+    if _is_hf_llava(config):
+        from gamma_mod_jax.convert.hf_llava import mllm_config_from_hf_llava
+        return mllm_config_from_hf_llava(config, shapes, source, vision_config)
+    override = vision_config or {}
     model_type = config.get("model_type")
     if model_type in ("mgm", "mod_mgm"):
         from gamma_mod_jax.convert.hf_config_mgm import mgm_config_from_hf  # it builds on this module
-        return mgm_config_from_hf(config, shapes, source)
+        return mgm_config_from_hf(config, shapes, source, vision_config)
     if model_type not in KNOWN_MODEL_TYPES:
         raise CheckpointError(f"{source}: unknown model_type {model_type!r} "
                               f"(known: {', '.join(KNOWN_MODEL_TYPES + ('mgm', 'mod_mgm'))})")
@@ -120,26 +147,30 @@ def mllm_config_from_hf(config: Mapping, shapes: Mapping[str, tuple], source: st
     except KeyError as e:
         raise CheckpointError(f"{source}: no CLIP vision tower weights ({e.args[0]} missing)") from None
     grid = int(round((n_pos - 1) ** 0.5))
-    # Head count and norm eps are not in the weights: CLIP ViTs use 64-wide heads, unless
-    # a checkpoint we exported recorded its vision configs (EXTRA_KEY).
     extra = config.get(EXTRA_KEY) or {}
-    clip_extra = {k: v for k, v in (extra.get("clip") or {}).items() if k in ("num_attention_heads", "layer_norm_eps")}
-    clip = ClipConfig(image_size=grid * patch, patch_size=patch, hidden_size=d, intermediate_size=mlp,
-                      num_hidden_layers=_count(keys, re.escape(prefix) + r"encoder\.layers\.(\d+)\."),
-                      **{"num_attention_heads": max(d // 64, 1), **clip_extra})
+    sizes = dict(image_size=grid * patch, patch_size=patch, hidden_size=d, intermediate_size=mlp,
+                 num_hidden_layers=count_indexed(keys, re.escape(prefix) + r"encoder\.layers\.(\d+)\."))
+    settings, _ = clip_settings(sizes, held=extra.get("clip"), override=override.get("clip"),
+                                tower_name=config.get("mm_vision_tower"), field="mm_vision_tower", source=source)
+    clip = ClipConfig(**sizes, **settings)
+    select_feature = config.get("mm_vision_select_feature", "patch")
+    if select_feature not in ("patch", "cls_patch"):
+        raise CheckpointError(f"{source}: field 'mm_vision_select_feature' is {json.dumps(select_feature)}; expected "
+                              "'patch' or 'cls_patch'")
     kw = dict(family="llava_hr" if hr else "llava", llm=LlamaConfig.from_dict(llm), clip=clip,
-              vision_select_layer=int(config.get("mm_vision_select_layer", -2)),
+              vision_select_layer=int(config.get("mm_vision_select_layer", -2)), vision_select_feature=select_feature,
               mm_hidden_size=int(config.get("mm_hidden_size", d)))
     if hr:
         stem = shapes.get(CONVNEXT + "stem.0.weight")
         if stem is None:
             raise CheckpointError(f"{source}: LLaVA-HR config but no ConvNeXt weights ({CONVNEXT}stem.0.weight)")
-        depths = tuple(_count(keys, re.escape(CONVNEXT) + rf"stages\.{s}\.blocks\.(\d+)\.") for s in range(4))
+        depths = tuple(count_indexed(keys, re.escape(CONVNEXT) + rf"stages\.{s}\.blocks\.(\d+)\.") for s in range(4))
         dims = tuple(shapes[CONVNEXT + f"stages.{s}.blocks.0.conv_dw.weight"][0] for s in range(4))
-        eps = presets.CONVNEXT_XXLARGE["layer_norm_eps"] if dims[0] >= 384 else presets.CONVNEXT_LARGE_MLP["layer_norm_eps"]
-        n_adapters = _count(keys, r"model\.vision_tower\.align_stages_latent\.(\d+)\.")
+        eps, _ = convnext_layer_norm_eps(depths, dims, held=(extra.get("convnext") or {}).get("layer_norm_eps"),
+                                         override=override.get("convnext"), tower_name=config.get("vision_tower_slow"),
+                                         field="vision_tower_slow", source=source)
+        n_adapters = count_indexed(keys, r"model\.vision_tower\.align_stages_latent\.(\d+)\.")
         quarter = clip.num_hidden_layers // 4
-        eps = (extra.get("convnext") or {}).get("layer_norm_eps", eps)
         after = extra.get("adapter_after_layers", [quarter * (k + 1) - 1 for k in range(n_adapters)])
         kw.update(convnext=ConvNextConfig(depths=depths, dims=dims, layer_norm_eps=eps),
                   input_image_size=int(config.get("input_image_size", 1024)),
@@ -173,7 +204,7 @@ def hf_config_from_mllm(cfg: MLLMConfig) -> dict:
     out["num_key_value_heads"] = cfg.llm.kv_heads
     out.update(architectures=["LlavaLlamaForCausalLM"], model_type="llava", mm_projector_type=cfg.projector_type,
                mm_hidden_size=cfg.mm_hidden_size, mm_vision_select_layer=cfg.vision_select_layer,
-               mm_vision_select_feature="patch", mm_vision_tower="openai/clip-vit-large-patch14-336",
+               mm_vision_select_feature=cfg.vision_select_feature, mm_vision_tower="openai/clip-vit-large-patch14-336",
                image_aspect_ratio="pad", mm_use_im_start_end=False, mm_use_im_patch_token=False,
                tie_word_embeddings=False)
     if cfg.family == "llava_hr":

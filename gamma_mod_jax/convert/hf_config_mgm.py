@@ -4,8 +4,8 @@
 Sizes come from the weights' shapes (CLIP, the ConvNeXt trunk's depths and widths); the
 layout from the MGM keys (`image_size_aux`, `image_grid`, `image_global`,
 `mm_hidden_size_aux`, checked against the weights). What neither holds (CLIP's head count
-and LayerNorm eps, the trunk's LayerNorm eps) comes from our `gamma_mod_jax` key or from a
-vision tower named in `mm_vision_tower` / `mm_vision_tower_aux` whose settings are known;
+and LayerNorm eps, the trunk's LayerNorm eps) comes from vision_towers.py (our
+`gamma_mod_jax` key, an override, the tower `mm_vision_tower` / `mm_vision_tower_aux` names);
 anything else is an error naming the field, never a guess.
 """
 
@@ -13,30 +13,17 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Mapping
+from typing import Mapping, Optional
 
-from gamma_mod_jax.convert.hf_config import EXTRA_KEY, LLAMA_FIELDS, _count, official_mod_json
+from gamma_mod_jax.convert.hf_config import EXTRA_KEY, LLAMA_FIELDS, count_indexed, official_mod_json
 from gamma_mod_jax.convert.hf_files import CheckpointError
 from gamma_mod_jax.convert.keymap_mgm import AUX_PREFIX, CLIP_PREFIX
+from gamma_mod_jax.convert.vision_towers import clip_settings, convnext_layer_norm_eps
 from gamma_mod_jax.models import presets
 from gamma_mod_jax.models.config import ClipConfig, ConvNextConfig, LlamaConfig, MLLMConfig
 
 MGM_MODEL_TYPES = ("mgm", "mod_mgm")
-# Vision towers whose unstored settings are known, by a name fragment of the config path.
-KNOWN_CLIP = {"clip-vit-large-patch14": dict(num_attention_heads=16, layer_norm_eps=1e-5)}
-KNOWN_AUX = {"convnext-xxlarge": presets.CONVNEXT_XXLARGE["layer_norm_eps"],
-             "convnext_xxlarge": presets.CONVNEXT_XXLARGE["layer_norm_eps"],
-             "convnext-large": presets.CONVNEXT_LARGE_MLP["layer_norm_eps"],
-             "convnext_large": presets.CONVNEXT_LARGE_MLP["layer_norm_eps"]}
 DEFAULT_AUX_TOWER = "model_zoo/OpenAI/openclip-convnext-large-d-320-laion2B-s29B-b131K-ft-soup"
-
-
-def _known(table: Mapping, name, field: str, source: str, what: str):
-    for fragment, value in table.items():
-        if fragment in str(name or "").lower():
-            return value
-    raise CheckpointError(f"{source}: {what} is not stored in the checkpoint and {field}={name!r} names no known "
-                          f"tower (known: {', '.join(table)}); give it under {EXTRA_KEY!r} in config.json")
 
 
 def _require(config: Mapping, field: str, source: str):
@@ -45,28 +32,31 @@ def _require(config: Mapping, field: str, source: str):
     return config[field]
 
 
-def mgm_config_from_hf(config: Mapping, shapes: Mapping[str, tuple], source: str = "config.json") -> MLLMConfig:
-    """Our config of an MGM / γ-MoD MGM checkpoint: its config.json and {key: shape} of its weights."""
+def mgm_config_from_hf(config: Mapping, shapes: Mapping[str, tuple], source: str = "config.json",
+                       vision_config: Optional[Mapping] = None) -> MLLMConfig:
+    """Our config of an MGM / γ-MoD MGM checkpoint: its config.json and {key: shape} of its
+    weights; `vision_config`: the override (see hf_config.mllm_config_from_hf)."""
+    override = vision_config or {}
     keys = list(shapes)
     extra = config.get(EXTRA_KEY) or {}
     try:
         d, _, patch, _ = shapes[CLIP_PREFIX + "embeddings.patch_embedding.weight"]
         n_pos = shapes[CLIP_PREFIX + "embeddings.position_embedding.weight"][0]
         mlp = shapes[CLIP_PREFIX + "encoder.layers.0.mlp.fc1.weight"][0]
-        depths = tuple(_count(keys, re.escape(AUX_PREFIX) + rf"vision_stages\.{s}\.blocks\.(\d+)\.") for s in range(4))
+        depths = tuple(count_indexed(keys, re.escape(AUX_PREFIX) + rf"vision_stages\.{s}\.blocks\.(\d+)\.") for s in range(4))
         dims = tuple(shapes[AUX_PREFIX + f"vision_stages.{s}.blocks.0.conv_dw.weight"][0] for s in range(4))
     except KeyError as e:
         raise CheckpointError(f"{source}: no MGM vision tower weights ({e.args[0]} missing)") from None
-    clip_extra = extra.get("clip") or _known(KNOWN_CLIP, config.get("mm_vision_tower"), "mm_vision_tower", source,
-                                             "the CLIP head count")
-    clip = ClipConfig(image_size=int(round((n_pos - 1) ** 0.5)) * patch, patch_size=patch, hidden_size=d,
-                      intermediate_size=mlp, num_hidden_layers=_count(keys, re.escape(CLIP_PREFIX) + r"encoder\.layers\.(\d+)\."),
-                      num_attention_heads=int(clip_extra["num_attention_heads"]),
-                      layer_norm_eps=float(clip_extra["layer_norm_eps"]))
-    eps = (extra.get("convnext") or {}).get("layer_norm_eps")
-    if eps is None:
-        eps = _known(KNOWN_AUX, config.get("mm_vision_tower_aux"), "mm_vision_tower_aux", source,
-                     "the ConvNeXt LayerNorm eps")
+    sizes = dict(image_size=int(round((n_pos - 1) ** 0.5)) * patch, patch_size=patch, hidden_size=d,
+                 intermediate_size=mlp,
+                 num_hidden_layers=count_indexed(keys, re.escape(CLIP_PREFIX) + r"encoder\.layers\.(\d+)\."))
+    settings, _ = clip_settings(sizes, held=extra.get("clip"), override=override.get("clip"),
+                                tower_name=config.get("mm_vision_tower"), field="mm_vision_tower", source=source)
+    clip = ClipConfig(**sizes, num_attention_heads=int(settings["num_attention_heads"]),
+                      layer_norm_eps=float(settings["layer_norm_eps"]))
+    eps, _ = convnext_layer_norm_eps(depths, dims, held=(extra.get("convnext") or {}).get("layer_norm_eps"),
+                                     override=override.get("convnext"), tower_name=config.get("mm_vision_tower_aux"),
+                                     field="mm_vision_tower_aux", source=source)
     aux_channels = int(_require(config, "mm_hidden_size_aux", source))
     if aux_channels != sum(dims):
         raise CheckpointError(f"{source}: mm_hidden_size_aux {aux_channels} but the ConvNeXt stages in the weights "

@@ -102,15 +102,16 @@ class ClipVisionTransformer(nnx.Module):
         self.encoder = ClipEncoder(cfg, **kw)
         self.post_layernorm = layer_norm(cfg.hidden_size, eps=cfg.layer_norm_eps, **kw)
 
-    def features_llava15(self, pixels_bhwc, select_layer: int = -2):
-        """LLaVA-1.5: HF `hidden_states[select_layer]` without the CLS token, [b, n, d].
-        Only the layers that feed the selected hidden state are run."""
+    def features_llava15(self, pixels_bhwc, select_layer: int = -2, keep_cls: bool = False):
+        """LLaVA-1.5: HF `hidden_states[select_layer]` without the CLS token, [b, n, d]
+        (with it first, [b, 1 + n, d], if `keep_cls`). Only the layers that feed the selected
+        hidden state are run."""
         n_states = len(self.encoder.layers) + 1  # embeddings, then each layer's output
         n_run = select_layer % n_states
         x = self.pre_layrnorm(self.embeddings.with_class_token(pixels_bhwc))
         for layer in self.encoder.layers[:n_run]:
             x = layer(x)
-        return x[:, 1:]
+        return x if keep_cls else x[:, 1:]
 
     def features_hr(self, pixels_bhwc, fast_size: int,
                     layer_hook: Optional[Callable[[int, jnp.ndarray], jnp.ndarray]] = None):

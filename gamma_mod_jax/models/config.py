@@ -114,6 +114,9 @@ class MLLMConfig:
     # LLaVA-1.5: which CLIP hidden state feeds the projector (-2 = output of the
     # second-to-last layer, as `mm_vision_select_layer`). LLaVA-HR runs all layers.
     vision_select_layer: int = -2
+    # LLaVA-1.5: `mm_vision_select_feature`: 'patch' drops the CLS token (official LLaVA and
+    # transformers' vision_feature_select_strategy 'default'), 'cls_patch' keeps it ('full').
+    vision_select_feature: str = "patch"
     # LLaVA-HR MR-Adapters: inserted after these 0-based CLIP layer indices.
     # Empty = stage-1 model (`freeze_vision=True`: no adapters in the checkpoint).
     adapter_after_layers: Tuple[int, ...] = (5, 11, 17)
@@ -137,6 +140,11 @@ class MLLMConfig:
             raise ValueError(f"MLLMConfig: family {self.family!r} needs a convnext config")
         if self.family == "mgm":
             self._check_mgm()
+        if self.vision_select_feature not in ("patch", "cls_patch"):
+            raise ValueError(f"MLLMConfig.vision_select_feature must be 'patch' or 'cls_patch', got "
+                             f"{self.vision_select_feature!r}")
+        if self.vision_select_feature != "patch" and self.family != "llava":
+            raise ValueError(f"MLLMConfig: vision_select_feature 'cls_patch' needs family 'llava', got {self.family!r}")
         if self.projector_type != "mlp2x_gelu":
             raise ValueError(f"MLLMConfig.projector_type: only 'mlp2x_gelu' is supported, got {self.projector_type!r}")
 
@@ -173,7 +181,9 @@ class MLLMConfig:
     @property
     def num_image_tokens(self) -> int:
         per_view = (self.fast_image_size // self.clip.patch_size) ** 2
-        return per_view * self.num_views if self.family == "mgm" else per_view
+        if self.family == "mgm":
+            return per_view * self.num_views
+        return per_view + int(self.vision_select_feature == "cls_patch")
 
     @property
     def compute_dtype(self):

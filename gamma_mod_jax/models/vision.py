@@ -1,6 +1,7 @@
 """The two image encoders LLaVA uses, as one interface: pixels -> [b, n_tokens, mm_hidden].
 
-- `LlavaVisionTower`: LLaVA-1.5, CLIP ViT-L/14-336, a hidden state from layer -2, CLS dropped.
+- `LlavaVisionTower`: LLaVA-1.5, CLIP ViT-L/14-336, a hidden state from layer -2, CLS dropped
+  (or kept: `vision_select_feature`).
 - `HRVisionTower`: LLaVA-HR's mixture of resolutions: CLIP at 448 px (fast) and ConvNeXt
   at 1024 px (slow), MR-Adapters inside CLIP, and the final fast/slow fusion.
 - `MGMVisionTower` (`mgm_vision.py`): Mini-Gemini(-HD), CLIP on low-resolution views, a
@@ -23,10 +24,11 @@ class LlavaVisionTower(nnx.Module):
         kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
         self.clip = ClipVisionTransformer(cfg.clip, **kw)
         self.select_layer = cfg.vision_select_layer
+        self.keep_cls = cfg.vision_select_feature == "cls_patch"
 
     def __call__(self, pixels_bhwc):
         """pixels [b, 336, 336, 3] (CLIP-normalised) -> [b, 576, 1024]."""
-        return self.clip.features_llava15(pixels_bhwc, select_layer=self.select_layer)
+        return self.clip.features_llava15(pixels_bhwc, select_layer=self.select_layer, keep_cls=self.keep_cls)
 
 
 class HRVisionTower(nnx.Module):

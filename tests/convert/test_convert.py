@@ -133,20 +133,24 @@ def test_converted_model_gives_the_pytorch_logits(rng, tmp_path, kind):
 
 
 def test_original_config_json_is_recognised_from_the_weights(rng, tmp_path):
-    """Without our own config key, vision sizes come from the weights' shapes and the
+    """Without our own config key, vision sizes come from the weights' shapes, the settings
+    they do not fix from --vision-config (no public tower has the tiny model's sizes), and the
     γ-MoD settings from the official `mod` dict."""
     cfg, _, state = original_checkpoint(rng, "gamma_mod")
     config = hf_config_from_mllm(cfg)
     del config[EXTRA_KEY]
     config["mod"]["capacity_factor"] = 0.3  # ignored by the official code, as here
     write_original(tmp_path / "src", state, config)
-    assert run_cli("--src", tmp_path / "src", "--dst", tmp_path / "ours") == 0
+    (tmp_path / "towers.json").write_text(json.dumps({"clip": {"num_attention_heads": 4, "layer_norm_eps": 1e-5},
+                                                      "convnext": {"layer_norm_eps": 1e-6}}))
+    assert run_cli("--src", tmp_path / "src", "--dst", tmp_path / "ours", "--vision-config",
+                   tmp_path / "towers.json") == 0
     got = gm.model_config(str(tmp_path / "ours" / "config.py"))
     assert got.family == "llava_hr" and got.llm == cfg.llm
     assert got.convnext.depths == cfg.convnext.depths and got.convnext.dims == cfg.convnext.dims
     assert got.adapter_after_layers == cfg.adapter_after_layers
     assert got.clip.num_hidden_layers == cfg.clip.num_hidden_layers and got.clip.image_size == cfg.clip.image_size
-    assert got.clip.num_attention_heads == 1  # 64-wide heads: the tiny tower's 32 dims make one
+    assert got.clip == cfg.clip and got.convnext == cfg.convnext  # 4 heads of 8 (not the 64-wide CLIP-L heads)
     assert got.mod.layers == cfg.mod.layers and got.mod.routing_ratio == 0.5
 
 

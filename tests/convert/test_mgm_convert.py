@@ -39,6 +39,22 @@ def original_config(cfg):
     return out
 
 
+def tiny_towers(cfg, clip=True, convnext=True):
+    """The tower settings of the tiny model (no public tower has its sizes), as --vision-config gives them."""
+    out = {}
+    if clip:
+        out["clip"] = {"num_attention_heads": cfg.clip.num_attention_heads, "layer_norm_eps": cfg.clip.layer_norm_eps}
+    if convnext:
+        out["convnext"] = {"layer_norm_eps": cfg.convnext.layer_norm_eps}
+    return out
+
+
+def vision_config_args(tmp_path, cfg, **which):
+    path = tmp_path / "towers.json"
+    path.write_text(json.dumps(tiny_towers(cfg, **which)))
+    return ["--vision-config", path]
+
+
 @pytest.mark.parametrize("kind,fmt,shards", [("mod_mgm", "safetensors", 3), ("mgm", "bin", 1)])
 def test_round_trip_is_bit_exact(rng, tmp_path, kind, fmt, shards):
     cfg, state = mgm_checkpoint(rng, kind)
@@ -52,12 +68,13 @@ def test_round_trip_is_bit_exact(rng, tmp_path, kind, fmt, shards):
     assert exported["mm_hidden_size_aux"] == sum(cfg.convnext.dims)
 
 
-def test_original_config_json_takes_settings_from_the_named_towers(rng):
-    """Without our key: CLIP-L/14's 16 heads, ConvNeXt-L's eps 1e-6, the MGM γ-MoD options."""
+def test_original_config_json_takes_the_mgm_options_and_the_given_tower_settings(rng):
+    """Without our key: the MGM γ-MoD options, the tower settings from the override (the towers
+    the config names, CLIP-L/14 and ConvNeXt-L, do not have the tiny model's sizes)."""
     cfg, state = mgm_checkpoint(rng, "mod_mgm")
-    got = mllm_config_from_hf(original_config(cfg), {k: tuple(v.shape) for k, v in state.items()})
-    assert got.clip.num_attention_heads == 16 and got.clip.layer_norm_eps == 1e-5
-    assert got.convnext.layer_norm_eps == 1e-6 and got.convnext.dims == cfg.convnext.dims
+    got = mllm_config_from_hf(original_config(cfg), {k: tuple(v.shape) for k, v in state.items()},
+                              vision_config=tiny_towers(cfg))
+    assert got.clip == cfg.clip and got.convnext == cfg.convnext
     assert (got.input_image_size, got.image_grid, got.image_global) == (64, 2, True)
     assert got.mod == dataclasses.replace(cfg.mod, aux_loss_coef=0.01)
     assert got.mod.always_keep == "all_but_image" and got.mod.router_init == "xavier_uniform"
@@ -70,7 +87,7 @@ def test_router_stored_once_is_tied_on_load(rng, tmp_path):
     for i in rest:
         del state[f"model.layers.{i}.router.weight"]
     write_original(tmp_path / "src", state, original_config(cfg), "safetensors", 1)
-    assert run_cli("--src", tmp_path / "src", "--dst", tmp_path / "ours") == 0
+    assert run_cli("--src", tmp_path / "src", "--dst", tmp_path / "ours", *vision_config_args(tmp_path, cfg)) == 0
     router = np.asarray(load_checkpoint(str(tmp_path / "ours")).llm.router.kernel.get_value())
     np.testing.assert_array_equal(router, state[f"model.layers.{first}.router.weight"].numpy().T)
 
@@ -84,12 +101,13 @@ def test_bad_state_dict_names_every_offending_key(rng, tmp_path, capsys):
     state[bad] = torch.zeros(3, 3)
     state["model.vision_tower_aux.vision_stages.0.blocks.0.weight"] = torch.ones(8)  # LLaVA-HR's name
     write_original(tmp_path / "src", state, original_config(cfg), "safetensors", 2)
-    assert_refused(capsys, tmp_path, ["--src", tmp_path / "src"], "missing keys (2)", *gone, "mis-shaped", bad,
+    assert_refused(capsys, tmp_path, ["--src", tmp_path / "src", *vision_config_args(tmp_path, cfg)],
+                   "missing keys (2)", *gone, "mis-shaped", bad,
                    "unexpected", "model.vision_tower_aux.vision_stages.0.blocks.0.weight")
 
 
 @pytest.mark.parametrize("field,value,needle", [
-    ("mm_vision_tower", "/ckpt/my-vit", "the CLIP head count"),
+    ("mm_vision_tower", "/ckpt/my-vit", "the CLIP tower's head count"),
     ("mm_vision_tower_aux", "/ckpt/my-trunk", "the ConvNeXt LayerNorm eps"),
     ("image_size_aux", None, "image_size_aux"),
     ("mm_hidden_size_aux", 1234, "mm_hidden_size_aux 1234"),
@@ -99,4 +117,6 @@ def test_vision_settings_are_never_guessed(rng, tmp_path, capsys, field, value, 
     config = original_config(cfg)
     config[field] = value
     write_original(tmp_path / "src", state, config, "safetensors", 1)
-    assert_refused(capsys, tmp_path, ["--src", tmp_path / "src"], tmp_path / "src" / "config.json", needle)
+    given = vision_config_args(tmp_path, cfg, clip=field != "mm_vision_tower", convnext=field != "mm_vision_tower_aux")
+    assert_refused(capsys, tmp_path, ["--src", tmp_path / "src", *given], tmp_path / "src" / "config.json", needle,
+                   *(["--vision-config"] if "tower" in field else []))
