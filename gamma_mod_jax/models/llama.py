@@ -23,8 +23,11 @@ from gamma_mod_jax.models.layers import RMSNorm, dot_product_attention, linear
 from gamma_mod_jax.models.scan import layer_runs, scan_stack, stack_layers, unstack
 from gamma_mod_jax.parallel.activations import constrain
 
-# Logical names of the residual stream [batch, length, embed] (activation sharding).
+# Logical names of activations (sharding constraints, parallel/activations.py): the
+# residual stream [batch, length, embed], q [b, s, heads, head_dim], k and v.
 ACTIVATION = ("batch", "length", "embed")
+HEADS = ("batch", "length", "heads", None)
+KV_HEADS = ("batch", "length", "kv_heads", None)
 
 
 def rope_cos_sin(positions_bs, head_dim: int, theta: float):
@@ -69,9 +72,9 @@ class LlamaAttention(nnx.Module):
         [b, s, s], e.g. the valid keys [b, 1, s]) restricts it further; with a cache the
         new keys are written first and the mask comes from the cache."""
         b, s, _ = x_bsd.shape
-        q = self.q_proj(x_bsd).reshape(b, s, self.num_heads, self.head_dim)
-        k = self.k_proj(x_bsd).reshape(b, s, self.kv_heads, self.head_dim)
-        v = self.v_proj(x_bsd).reshape(b, s, self.kv_heads, self.head_dim)
+        q = constrain(self.q_proj(x_bsd).reshape(b, s, self.num_heads, self.head_dim), HEADS)
+        k = constrain(self.k_proj(x_bsd).reshape(b, s, self.kv_heads, self.head_dim), KV_HEADS)
+        v = constrain(self.v_proj(x_bsd).reshape(b, s, self.kv_heads, self.head_dim), KV_HEADS)
         cos, sin = rope_cos_sin(positions_bs, self.head_dim, self.theta)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
@@ -94,7 +97,8 @@ class LlamaMLP(nnx.Module):
         self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size, **kw)
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        hidden = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(constrain(hidden, ("batch", "length", "mlp")))
 
 
 class LlamaDecoderLayer(nnx.Module):
@@ -352,7 +356,7 @@ class Llama(nnx.Module):
                                                      attention_probe)
         if last_only:
             hidden = last_valid_rows(hidden, token_valid)[:, None]
-        logits = self.lm_head(hidden).astype(jnp.float32)
+        logits = constrain(self.lm_head(hidden).astype(jnp.float32), ("batch", "length", "vocab"))
         return logits, caches, mod_aux
 
     # --- generation interface (see gamma_mod_jax/models/generate.py) ---

@@ -252,14 +252,15 @@ with activation_sharding(mesh):  # a new function: jit's trace cache is keyed by
 err = float(np.linalg.norm(np.asarray(got) - np.asarray(plain)) / np.linalg.norm(np.asarray(plain)))
 count = lambda t: t.count("sharding_constraint")  # Shardy's sdy.sharding_constraint
 print("RESULT " + json.dumps({"plain": count(plain_text), "constrained": count(text),
-                              "batch_split": '[{"data"}, {}, {}]' in text, "rel_err": err}))
+                              "batch_split": '[{"data"}, {}, {}]' in text,
+                              "heads_split": '[{"data"}, {}, {"tensor"}, {}]' in text, "rel_err": err}))
 """
 
 
 def test_activation_constraints_only_under_a_mesh():
     """Outside an activation_sharding context `constrain` is the identity (no sharding op in
     the program); inside one (4 CPU devices, a child process) it pins the residual stream by
-    the rules (batch over `data`), and the results are unchanged."""
+    the rules (batch over `data`, attention heads over `tensor`), and the results are unchanged."""
     import sys
 
     from gamma_mod_jax.parallel.activations import constrain
@@ -268,7 +269,7 @@ def test_activation_constraints_only_under_a_mesh():
     x = jnp.ones((2, 3, 4))
     assert constrain(x, ("batch", "length", "embed")) is x
     out = result_line(run([sys.executable, "-c", CONSTRAINT_CHILD], env=child_env(devices=4)).stdout)
-    assert out["plain"] == 0 and out["constrained"] > 0 and out["batch_split"], out
+    assert out["plain"] == 0 and out["constrained"] > 0 and out["batch_split"] and out["heads_split"], out
     assert out["rel_err"] < 1e-6
 
 
