@@ -144,7 +144,10 @@ def make_router(hidden_size: int, mod: MoDConfig, *, param_dtype=jnp.float32, rn
 
 class Llama(nnx.Module):
     """Decoder-only LM: `embed_tokens`, `layers`, `norm`, untied `lm_head`; with a MoD
-    config, the layers it names become γ-MoD layers sharing one `router` [hidden, 2]."""
+    config, the layers it names become γ-MoD layers sharing one `router` [hidden, 2].
+    scan_layers: `layers_stacked` instead of `layers`, one stacked module per run of
+    consecutive dense or γ-MoD layers (`runs`), each run one lax.scan (models/scan.py);
+    caches are then stacked per run too (`init_caches`)."""
 
     def __init__(self, cfg: LlamaConfig, *, mod: Optional[MoDConfig] = None, dtype=jnp.float32,
                  param_dtype=jnp.float32, scan_layers: bool = False, rngs: nnx.Rngs):
