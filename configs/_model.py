@@ -37,6 +37,9 @@ def model_config(family, llm, clip, convnext=None, *, input_image_size, tiny=Fal
     m.image_token_index = -200
     m.dtype = dtype
     m.param_dtype = param_dtype
+    # Scanned runs of layers (models/scan.py): the full-size models compile in a fraction
+    # of the time; the tiny twins (a few layers) keep the plain loop.
+    m.scan_layers = not tiny
     m.mod = None  # a dense model unless the `mod` argument asks for γ-MoD
     return m
 

@@ -13,8 +13,12 @@ import dataclasses
 import re
 from typing import Callable, Dict, Iterable, List, Mapping, Sequence, Tuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from gamma_mod_jax.models.scan import STACKED_SUFFIX
 
 # PyTorch buffers that never correspond to parameters.
 DEFAULT_IGNORED = (r".*rotary_emb\.inv_freq$", r".*\.position_ids$", r".*num_batches_tracked$")
@@ -113,10 +117,62 @@ def to_numpy(value) -> np.ndarray:
     return np.asarray(value)
 
 
-def param_paths(model_or_state) -> List[Tuple[Tuple, nnx.Variable]]:
-    """(path, variable) for every nnx.Param of a module or state, in a stable order."""
+class LayerSlice:
+    """One layer's slice of a stacked parameter (a scanned run, `models/scan.py`), read
+    and written like the nnx.Param it stands for. Writes are collected and applied to
+    the stacked parameter at once when every layer of the run has one (as every loader
+    does: a partly written run keeps its old value)."""
+
+    def __init__(self, stacked: nnx.Variable, index: int, pending: dict):
+        self.stacked, self.index, self._pending = stacked, index, pending
+
+    def get_value(self):
+        value = self.stacked.get_value()
+        if isinstance(value, jax.ShapeDtypeStruct):  # an abstract model
+            return jax.ShapeDtypeStruct(value.shape[1:], value.dtype)
+        return value[self.index]
+
+    def set_value(self, value) -> None:
+        self._pending[self.index] = value
+        count = self.stacked.get_value().shape[0]
+        if len(self._pending) == count:
+            parts = [self._pending.pop(j) for j in range(count)]
+            stack = np.stack if all(isinstance(p, np.ndarray) for p in parts) else jnp.stack
+            dtype = self.stacked.get_value().dtype
+            self.stacked.set_value(stack([p.astype(dtype) for p in parts]))
+
+
+def _path_key(path: Tuple) -> Tuple:
+    return tuple((0, p, "") if isinstance(p, int) else (1, 0, str(p)) for p in path)
+
+
+def param_paths(model_or_state) -> List[Tuple[Tuple, object]]:
+    """(path, variable) for every nnx.Param of a module or state, sorted by path. Stacked
+    runs of scanned layers (`<name>_stacked/<run>/...`, see models/scan.py) appear as their
+    layers' own parameters (`<name>/<layer>/...`, a `LayerSlice` each), so everything
+    keyed by these paths (PyTorch keys, our checkpoints) is the same with scan on or off."""
     state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state, nnx.Param)
-    return [(path, var) for path, var in nnx.to_flat_state(state) if isinstance(var, nnx.Param)]
+    plain, stacked = [], {}
+    for path, var in nnx.to_flat_state(state):
+        if not isinstance(var, nnx.Param):
+            continue
+        at = next((i for i, p in enumerate(path) if str(p).endswith(STACKED_SUFFIX)), None)
+        if at is None:
+            plain.append((tuple(path), var))
+        else:
+            stacked.setdefault(tuple(path[:at + 1]), {}).setdefault(int(path[at + 1]), []).append((path, var))
+    for container, runs in stacked.items():
+        name = str(container[-1])[:-len(STACKED_SUFFIX)]
+        start = 0
+        for run in sorted(runs):
+            count = runs[run][0][1].get_value().shape[0]
+            for path, var in runs[run]:
+                pending: dict = {}
+                rest = tuple(path[len(container) + 1:])
+                plain += [(container[:-1] + (name, start + j) + rest, LayerSlice(var, j, pending))
+                          for j in range(count)]
+            start += count
+    return sorted(plain, key=lambda item: _path_key(item[0]))
 
 
 def expected_torch_shapes(model, keymap: KeyMap) -> Dict[str, tuple]:

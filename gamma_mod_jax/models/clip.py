@@ -9,9 +9,30 @@ from typing import Callable, Optional
 import jax.numpy as jnp
 from flax import nnx
 
-from gamma_mod_jax.models.config import ClipConfig
+from gamma_mod_jax.models.config import ClipConfig, MLLMConfig
 from gamma_mod_jax.models.layers import dot_product_attention, layer_norm, linear, quick_gelu
 from gamma_mod_jax.models.resample import resample_grid_bicubic_aa, resize_bilinear_align_corners
+from gamma_mod_jax.models.scan import layer_runs, scan_stack, stack_layers
+from gamma_mod_jax.parallel.activations import constrain
+
+
+# Logical names of the encoder's hidden states [batch, tokens, width] (activation sharding).
+VISION_ACTIVATION = ("batch", "length", "vision_embed")
+
+
+def layers_run(cfg: ClipConfig, select_layer: int) -> int:
+    """Layers LLaVA-1.5 runs to reach HF `hidden_states[select_layer]` (embeddings first)."""
+    return select_layer % (cfg.num_hidden_layers + 1)
+
+
+def clip_scan_breaks(cfg: MLLMConfig):
+    """Where CLIP's scanned runs end (None: scan_layers off): after each MR-Adapter's layer
+    (LLaVA-HR), or after the layer whose output is the selected feature (LLaVA-1.5, MGM)."""
+    if not cfg.scan_layers:
+        return None
+    if cfg.family == "llava_hr":
+        return tuple(cfg.adapter_after_layers)
+    return (layers_run(cfg.clip, cfg.vision_select_layer) - 1,)
 
 
 class ClipEmbeddings(nnx.Module):
@@ -86,31 +107,62 @@ class ClipEncoderLayer(nnx.Module):
 
 
 class ClipEncoder(nnx.Module):
-    def __init__(self, cfg: ClipConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.layers = nnx.List([ClipEncoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-                                for _ in range(cfg.num_hidden_layers)])
+    """The encoder layers. scan_breaks (scan_layers on): layer indices after which a run of
+    layers ends (where a hook reads or changes the hidden state, or a feature is taken);
+    each run is one stacked module run by lax.scan (models/scan.py)."""
+
+    def __init__(self, cfg: ClipConfig, *, dtype, param_dtype, rngs: nnx.Rngs, scan_breaks=None):
+        layers = [ClipEncoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                  for _ in range(cfg.num_hidden_layers)]
+        self.num_layers = cfg.num_hidden_layers
+        self.scan_layers = scan_breaks is not None
+        if self.scan_layers:
+            run_of = [sum(1 for b in scan_breaks if b < i) for i in range(self.num_layers)]
+            self.runs = tuple((start, count) for start, count, _ in layer_runs(run_of))
+            self.layers_stacked = nnx.List([stack_layers(layers[start:start + count]) for start, count in self.runs])
+        else:
+            self.layers = nnx.List(layers)
+
+    def __call__(self, x, stop: int, layer_hook=None):
+        """Layers 0..stop-1, with `x = layer_hook(i, x)` after layer i (scanned: after the
+        last layer of each run only; the hook must be the identity elsewhere)."""
+        if not self.scan_layers:
+            for i, layer in enumerate(self.layers[:stop]):
+                x = constrain(layer(x), VISION_ACTIVATION)
+                if layer_hook is not None:
+                    x = layer_hook(i, x)
+            return x
+        for r, (start, count) in enumerate(self.runs):
+            if start >= stop:
+                break
+            if start + count > stop:
+                raise ValueError(f"scanned CLIP: layer {stop - 1} is not the end of a run {self.runs} "
+                                 "(build the encoder with it in scan_breaks)")
+            x, _ = scan_stack(self.layers_stacked[r], lambda layer, x, _: (constrain(layer(x), VISION_ACTIVATION),
+                                                                            None), x)
+            if layer_hook is not None:
+                x = layer_hook(start + count - 1, x)
+        return x
 
 
 class ClipVisionTransformer(nnx.Module):
     """CLIP's vision transformer; `post_layernorm` exists for weight loading only."""
 
-    def __init__(self, cfg: ClipConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, cfg: ClipConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs,
+                 scan_breaks=None):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.config = cfg
         self.embeddings = ClipEmbeddings(cfg, **kw)
         self.pre_layrnorm = layer_norm(cfg.hidden_size, eps=cfg.layer_norm_eps, **kw)  # HF's spelling
-        self.encoder = ClipEncoder(cfg, **kw)
+        self.encoder = ClipEncoder(cfg, scan_breaks=scan_breaks, **kw)
         self.post_layernorm = layer_norm(cfg.hidden_size, eps=cfg.layer_norm_eps, **kw)
 
     def features_llava15(self, pixels_bhwc, select_layer: int = -2, keep_cls: bool = False):
         """LLaVA-1.5: HF `hidden_states[select_layer]` without the CLS token, [b, n, d]
         (with it first, [b, 1 + n, d], if `keep_cls`). Only the layers that feed the selected
         hidden state are run."""
-        n_states = len(self.encoder.layers) + 1  # embeddings, then each layer's output
-        n_run = select_layer % n_states
         x = self.pre_layrnorm(self.embeddings.with_class_token(pixels_bhwc))
-        for layer in self.encoder.layers[:n_run]:
-            x = layer(x)
+        x = self.encoder(x, layers_run(self.config, select_layer))
         return x if keep_cls else x[:, 1:]
 
     def features_hr(self, pixels_bhwc, fast_size: int,
@@ -122,8 +174,4 @@ class ClipVisionTransformer(nnx.Module):
         grid = fast_size // self.config.patch_size
         x = self.embeddings.patches(pixels) + self.embeddings.patch_positions(grid)[None]
         x = self.pre_layrnorm(x)
-        for i, layer in enumerate(self.encoder.layers):
-            x = layer(x)
-            if layer_hook is not None:
-                x = layer_hook(i, x)
-        return x
+        return self.encoder(x, self.encoder.num_layers, layer_hook)

@@ -132,6 +132,10 @@ class MLLMConfig:
     mod: Optional[MoDConfig] = None  # γ-MoD layers and routing; None = dense model
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
+    # Runs of identical layers (decoder: consecutive dense / γ-MoD layers) as one lax.scan
+    # over stacked parameters: compile time independent of depth. Same results and the
+    # same per-layer checkpoint keys either way (models/scan.py).
+    scan_layers: bool = False
 
     def __post_init__(self):
         if self.family not in ("llava", "llava_hr", "mgm"):

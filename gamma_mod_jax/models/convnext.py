@@ -14,6 +14,7 @@ from flax import nnx
 
 from gamma_mod_jax.models.config import ConvNextConfig
 from gamma_mod_jax.models.layers import gelu_exact, layer_norm, linear
+from gamma_mod_jax.models.scan import scan_stack, stack_layers
 
 
 def conv(in_ch: int, out_ch: int, kernel: int, *, stride: int = 1, padding="VALID", groups: int = 1, dtype,
@@ -49,18 +50,29 @@ class ConvNeXtBlock(nnx.Module):
 
 
 class ConvNeXtStage(nnx.Module):
-    def __init__(self, stage: int, cfg: ConvNextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    """Downsampling (stages 1-3), then the blocks: with scan_layers one stacked module run
+    by lax.scan (models/scan.py)."""
+
+    def __init__(self, stage: int, cfg: ConvNextConfig, *, dtype, param_dtype, rngs: nnx.Rngs,
+                 scan_layers: bool = False):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         dim = cfg.dims[stage]
         # Stage 0 keeps the stem's resolution and width: no downsample parameters at all.
         self.downsample = nnx.List([] if stage == 0 else [
             layer_norm(cfg.dims[stage - 1], eps=cfg.layer_norm_eps, **kw),
             conv(cfg.dims[stage - 1], dim, 2, stride=2, **kw)])
-        self.blocks = nnx.List([ConvNeXtBlock(dim, cfg, **kw) for _ in range(cfg.depths[stage])])
+        blocks = [ConvNeXtBlock(dim, cfg, **kw) for _ in range(cfg.depths[stage])]
+        self.scan_layers = scan_layers
+        if scan_layers:
+            self.blocks_stacked = nnx.List([stack_layers(blocks)])
+        else:
+            self.blocks = nnx.List(blocks)
 
     def __call__(self, x):
         for module in self.downsample:
             x = module(x)
+        if self.scan_layers:
+            return scan_stack(self.blocks_stacked[0], lambda block, x, _: (block(x), None), x)[0]
         for block in self.blocks:
             x = block(x)
         return x
@@ -69,11 +81,12 @@ class ConvNeXtStage(nnx.Module):
 class ConvNeXt(nnx.Module):
     """`stem` (4x4 stride-4 conv, LayerNorm) and four `stages`: [b, H, W, 3] -> [b, H/32, W/32, dims[-1]]."""
 
-    def __init__(self, cfg: ConvNextConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, cfg: ConvNextConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs,
+                 scan_layers: bool = False):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.stem = nnx.List([conv(cfg.num_channels, cfg.dims[0], 4, stride=4, **kw),
                               layer_norm(cfg.dims[0], eps=cfg.layer_norm_eps, **kw)])
-        self.stages = nnx.List([ConvNeXtStage(s, cfg, **kw) for s in range(len(cfg.depths))])
+        self.stages = nnx.List([ConvNeXtStage(s, cfg, scan_layers=scan_layers, **kw) for s in range(len(cfg.depths))])
         self.dtype = dtype
 
     def __call__(self, pixels_bhwc):

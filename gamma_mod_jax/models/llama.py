@@ -7,6 +7,7 @@ weights load without permutation.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import jax
@@ -19,6 +20,14 @@ from gamma_mod_jax.mod.routing import threshold_bucket_sizes
 from gamma_mod_jax.models.config import LlamaConfig
 from gamma_mod_jax.models.kv_cache import LayerCache
 from gamma_mod_jax.models.layers import RMSNorm, cached_attention, dot_product_attention, linear
+from gamma_mod_jax.models.scan import layer_runs, scan_stack, stack_layers, unstack
+from gamma_mod_jax.parallel.activations import constrain
+
+# Logical names of activations (sharding constraints, parallel/activations.py): the
+# residual stream [batch, length, embed], q [b, s, heads, head_dim], k and v.
+ACTIVATION = ("batch", "length", "embed")
+HEADS = ("batch", "length", "heads", None)
+KV_HEADS = ("batch", "length", "kv_heads", None)
 
 
 def rope_cos_sin(positions_bs, head_dim: int, theta: float):
@@ -63,9 +72,9 @@ class LlamaAttention(nnx.Module):
         [b, s, s], e.g. the valid keys [b, 1, s]) restricts it further; with a cache the
         new keys are written first and the mask comes from the cache."""
         b, s, _ = x_bsd.shape
-        q = self.q_proj(x_bsd).reshape(b, s, self.num_heads, self.head_dim)
-        k = self.k_proj(x_bsd).reshape(b, s, self.kv_heads, self.head_dim)
-        v = self.v_proj(x_bsd).reshape(b, s, self.kv_heads, self.head_dim)
+        q = constrain(self.q_proj(x_bsd).reshape(b, s, self.num_heads, self.head_dim), HEADS)
+        k = constrain(self.k_proj(x_bsd).reshape(b, s, self.kv_heads, self.head_dim), KV_HEADS)
+        v = constrain(self.v_proj(x_bsd).reshape(b, s, self.kv_heads, self.head_dim), KV_HEADS)
         cos, sin = rope_cos_sin(positions_bs, self.head_dim, self.theta)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
@@ -90,7 +99,8 @@ class LlamaMLP(nnx.Module):
         self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size, **kw)
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        hidden = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(constrain(hidden, ("batch", "length", "mlp")))
 
 
 class LlamaDecoderLayer(nnx.Module):
@@ -136,29 +146,42 @@ def make_router(hidden_size: int, mod: MoDConfig, *, param_dtype=jnp.float32, rn
 
 class Llama(nnx.Module):
     """Decoder-only LM: `embed_tokens`, `layers`, `norm`, untied `lm_head`; with a MoD
-    config, the layers it names become γ-MoD layers sharing one `router` [hidden, 2]."""
+    config, the layers it names become γ-MoD layers sharing one `router` [hidden, 2].
+    scan_layers: `layers_stacked` instead of `layers`, one stacked module per run of
+    consecutive dense or γ-MoD layers (`runs`), each run one lax.scan (models/scan.py);
+    caches are then stacked per run too (`init_caches`)."""
 
     def __init__(self, cfg: LlamaConfig, *, mod: Optional[MoDConfig] = None, dtype=jnp.float32,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 param_dtype=jnp.float32, scan_layers: bool = False, rngs: nnx.Rngs):
         self.config = cfg
         self.mod = mod if mod is not None and mod.enabled else None
         self.dtype = dtype
         # Activation rematerialisation in training passes: a REMAT_POLICIES key, set by
         # the trainer (a training choice, not part of the model config).
         self.remat = "none"
-        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
-                                      embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
-        self.layers = nnx.List([LlamaDecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-                                for _ in range(cfg.num_hidden_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
-        self.lm_head = linear(cfg.hidden_size, cfg.vocab_size, use_bias=False, dtype=dtype,
-                              param_dtype=param_dtype, rngs=rngs)
         if self.mod is not None:
             bad = [i for i in self.mod.layers if i >= cfg.num_hidden_layers]
             if bad:
                 raise ValueError(f"MoD layers {bad} do not exist: the model has {cfg.num_hidden_layers} layers")
             if len(self.mod.layers) == cfg.num_hidden_layers:
                 raise ValueError("at least one decoder layer must stay dense (it numbers decode positions)")
+        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
+                                      embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+        layers = [LlamaDecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                  for _ in range(cfg.num_hidden_layers)]
+        # scan_layers: each run of consecutive dense or γ-MoD layers is one stacked module
+        # run by lax.scan (models/scan.py); `runs` holds (first layer, count, is_mod).
+        self.scan_layers = scan_layers
+        if scan_layers:
+            self.runs = layer_runs([i in self.mod_layers for i in range(cfg.num_hidden_layers)])
+            self.layers_stacked = nnx.List([stack_layers(layers[start:start + count])
+                                            for start, count, _ in self.runs])
+        else:
+            self.layers = nnx.List(layers)
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.lm_head = linear(cfg.hidden_size, cfg.vocab_size, use_bias=False, dtype=dtype,
+                              param_dtype=param_dtype, rngs=rngs)
+        if self.mod is not None:
             self.router = make_router(cfg.hidden_size, self.mod, param_dtype=param_dtype, rngs=rngs)
 
     @property
@@ -184,11 +207,16 @@ class Llama(nnx.Module):
         return [kept + max_new_tokens if i in self.mod_layers else full for i in range(self.config.num_hidden_layers)]
 
     def init_caches(self, batch: int, prompt_len: int, max_new_tokens: int = 0, routing: Optional[str] = None) -> list:
-        """One empty fixed-size cache per layer, sized as `cache_lengths` says (full size,
-        prompt_len + max_new_tokens slots, for every layer when routing is None)."""
+        """Empty fixed-size caches sized as `cache_lengths` says (full size, prompt_len +
+        max_new_tokens slots, for every layer when routing is None): one per layer, or with
+        scan_layers one per run of layers, stacked (a leading [count] axis on every field)."""
         c = self.config
-        return [LayerCache.zeros(batch, n, c.kv_heads, c.dim_per_head, self.dtype)
-                for n in self.cache_lengths(prompt_len, max_new_tokens, routing)]
+        lengths = self.cache_lengths(prompt_len, max_new_tokens, routing)
+        zeros = lambda n: LayerCache.zeros(batch, n, c.kv_heads, c.dim_per_head, self.dtype)
+        if not self.scan_layers:
+            return [zeros(n) for n in lengths]
+        return [jax.tree.map(lambda a, count=count: jnp.zeros((count,) + a.shape, a.dtype), zeros(lengths[start]))
+                for start, count, _ in self.runs]
 
     def decode_layers(self, x_bsd, positions_bs, token_valid_bs, caches: Optional[Sequence[LayerCache]] = None,
                       token_types_bs=None, routing: str = "capacity", attention_probe=None):
@@ -198,35 +226,81 @@ class Llama(nnx.Module):
         a single decode token uses the decode threshold). attention_probe: optional
         `f(probs [b, heads, s, s], token_valid [b, s]) -> value`, applied to each dense
         layer's attention probabilities as the pass goes (ARank reduces them at once, so
-        no layer's maps outlive it). Returns (hidden, new caches or None, aux) where aux
-        stacks per-MoD-layer statistics and, with a probe, holds its values under
-        "attention_probe" ({} for a plain dense pass).
+        no layer's maps outlive it). caches: as `init_caches` makes them. Returns (hidden,
+        new caches or None, aux) where aux stacks per-MoD-layer statistics and, with a
+        probe, holds its values (one per dense layer) under "attention_probe" ({} for a
+        plain dense pass).
         """
         # Causal attention (added by the attention itself) over the valid keys.
         mask = token_valid_bs[:, None, :] if caches is None else None
-        new_caches, mod_aux, probed = [], [], []
         remat = self.remat != "none" and caches is None and attention_probe is None
-        for i, layer in enumerate(self.layers):
-            cache = None if caches is None else caches[i]
-            if remat:  # training: recompute each layer's activations in the backward pass
-                x_bsd, layer_aux = self._remat_layer(i, layer, x_bsd, positions_bs, mask, token_valid_bs,
-                                                     token_types_bs, routing)
+        step = functools.partial(self._layer_step, positions_bs=positions_bs, mask=mask,
+                                 token_valid_bs=token_valid_bs, token_types_bs=token_types_bs, routing=routing,
+                                 attention_probe=attention_probe)
+        if self.scan_layers:
+            x_bsd, new_caches, mod_aux, probed = self._scan_runs(step, x_bsd, caches, remat, routing)
+        else:
+            new_caches, mod_aux, probed = [], [], []
+            for i, layer in enumerate(self.layers):
+                cache = None if caches is None else caches[i]
+                if remat:  # training: recompute each layer's activations in the backward pass
+                    x_bsd, layer_aux = self._remat_layer(i, layer, x_bsd, positions_bs, mask, token_valid_bs,
+                                                         token_types_bs, routing)
+                    probe = None
+                else:
+                    x_bsd, cache, layer_aux, probe = step(i in self.mod_layers, layer, x_bsd, cache)
                 if layer_aux is not None:
                     mod_aux.append(layer_aux)
-            elif i in self.mod_layers:
-                x_bsd, cache, layer_aux = self._mod_layer(layer, x_bsd, positions_bs, token_valid_bs, token_types_bs,
-                                                          cache, routing)
-                mod_aux.append(layer_aux)
-            elif attention_probe is not None:
-                x_bsd, cache, probs = layer(x_bsd, positions_bs, mask, cache, token_valid_bs, return_probs=True)
-                probed.append(attention_probe(probs, token_valid_bs))
-            else:
-                x_bsd, cache = layer(x_bsd, positions_bs, mask, cache, token_valid_bs)
-            new_caches.append(cache)
-        aux = jax.tree.map(lambda *xs: jnp.stack(xs), *mod_aux) if mod_aux else {}
+                if probe is not None:
+                    probed.append(probe)
+                new_caches.append(cache)
+            mod_aux = jax.tree.map(lambda *xs: jnp.stack(xs), *mod_aux) if mod_aux else {}
+        aux = mod_aux
         if attention_probe is not None:
             aux = {**aux, "attention_probe": probed}
         return self.norm(x_bsd), (None if caches is None else new_caches), aux
+
+    def _layer_step(self, is_mod, layer, x_bsd, cache, *, positions_bs, mask, token_valid_bs, token_types_bs,
+                    routing, attention_probe):
+        """One decoder layer: (x, cache, MoD statistics or None, probe value or None)."""
+        x_bsd = constrain(x_bsd, ACTIVATION)
+        if is_mod:
+            x_bsd, cache, aux = self._mod_layer(layer, x_bsd, positions_bs, token_valid_bs, token_types_bs, cache,
+                                                routing)
+            return constrain(x_bsd, ACTIVATION), cache, aux, None
+        if attention_probe is not None:
+            x_bsd, cache, probs = layer(x_bsd, positions_bs, mask, cache, token_valid_bs, return_probs=True)
+            return constrain(x_bsd, ACTIVATION), cache, None, attention_probe(probs, token_valid_bs)
+        x_bsd, cache = layer(x_bsd, positions_bs, mask, cache, token_valid_bs)
+        return constrain(x_bsd, ACTIVATION), cache, None, None
+
+    def _scan_runs(self, step, x_bsd, caches, remat: bool, routing: str):
+        """decode_layers with scan_layers: one lax.scan per run of layers, remat inside it.
+        (x, caches per run, MoD statistics stacked over MoD layers, probe values per dense layer)."""
+        if remat and self.mod is not None and routing != "capacity":
+            raise ValueError("rematerialisation applies to training passes (capacity routing) only")
+        new_caches, mod_aux, probed = [], [], []
+        for r, (start, count, is_mod) in enumerate(self.runs):
+            def body(layer, x, cache, is_mod=is_mod):
+                x, cache, aux, probe = step(is_mod, layer, x, cache)
+                return x, (cache, aux, probe)
+            x_bsd, (cache, aux, probe) = scan_stack(self.layers_stacked[r], body, x_bsd,
+                                                    None if caches is None else caches[r], remat=remat,
+                                                    policy=REMAT_POLICIES[self.remat])
+            new_caches.append(cache)
+            if aux is not None:
+                mod_aux.append(aux)
+            if probe is not None:
+                probed += unstack(probe, count)
+        mod_aux = jax.tree.map(lambda *xs: jnp.concatenate(xs), *mod_aux) if mod_aux else {}
+        return x_bsd, new_caches, mod_aux, probed
+
+    def _first_dense_cache_length(self, caches):
+        """[b] tokens held by the first dense layer's cache (decode positions continue from it)."""
+        if self.scan_layers:
+            run = next(r for r, (_, _, is_mod) in enumerate(self.runs) if not is_mod)
+            return caches[run].length[0]
+        return caches[next(i for i in range(len(self.layers)) if i not in self.mod_layers)].length
 
     def _remat_layer(self, i, layer, x_bsd, positions_bs, mask, token_valid_bs, token_types_bs, routing):
         policy = REMAT_POLICIES[self.remat]
@@ -281,14 +355,13 @@ class Llama(nnx.Module):
             if caches is None:
                 start = jnp.zeros((b,), jnp.int32)
             else:
-                first_dense = next(i for i in range(len(self.layers)) if i not in self.mod_layers)
-                start = caches[first_dense].length
+                start = self._first_dense_cache_length(caches)
             positions = start[:, None] + jnp.arange(s, dtype=jnp.int32)[None]
         hidden, caches, mod_aux = self.decode_layers(x, positions, token_valid, caches, token_types, routing,
                                                      attention_probe)
         if last_only:
             hidden = last_valid_rows(hidden, token_valid)[:, None]
-        logits = self.lm_head(hidden).astype(jnp.float32)
+        logits = constrain(self.lm_head(hidden).astype(jnp.float32), ("batch", "length", "vocab"))
         return logits, caches, mod_aux
 
     # --- generation interface (see gamma_mod_jax/models/generate.py) ---

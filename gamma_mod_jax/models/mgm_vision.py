@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from gamma_mod_jax.models.clip import ClipVisionTransformer
+from gamma_mod_jax.models.clip import ClipVisionTransformer, clip_scan_breaks
 from gamma_mod_jax.models.config import MLLMConfig
 from gamma_mod_jax.models.convnext import ConvNeXt
 from gamma_mod_jax.models.patch_info_mining import PatchInfoMining
@@ -46,7 +46,8 @@ class OpenClipConvNeXtAux(nnx.Module):
     channels: [b, S, S, 3] -> [b, S/4, S/4, sum(dims)]."""
 
     def __init__(self, cfg: MLLMConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.trunk = ConvNeXt(cfg.convnext, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.trunk = ConvNeXt(cfg.convnext, dtype=dtype, param_dtype=param_dtype, scan_layers=cfg.scan_layers,
+                              rngs=rngs)
 
     def __call__(self, pixels_bhwc):
         stages = self.trunk.stage_features(pixels_bhwc)
@@ -60,7 +61,7 @@ class MGMVisionTower(nnx.Module):
 
     def __init__(self, cfg: MLLMConfig, *, rngs: nnx.Rngs):
         kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
-        self.clip = ClipVisionTransformer(cfg.clip, **kw)
+        self.clip = ClipVisionTransformer(cfg.clip, scan_breaks=clip_scan_breaks(cfg), **kw)
         self.aux = OpenClipConvNeXtAux(cfg, **kw)
         self.mining = PatchInfoMining(cfg.mm_hidden_size, cfg.mm_hidden_size_aux, **kw)
         self.select_layer = cfg.vision_select_layer

@@ -47,7 +47,8 @@ class LlavaModel(nnx.Module):
         if mod is not None and mod.num_routable_tokens is None:
             # Capacity is a trace-time constant: the image tokens plus the system prompt.
             mod = dataclasses.replace(mod, num_routable_tokens=mod.routable_count(cfg.num_image_tokens))
-        self.llm = Llama(cfg.llm, mod=mod, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
+        self.llm = Llama(cfg.llm, mod=mod, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+                         scan_layers=cfg.scan_layers, rngs=rngs)
 
     def encode_images(self, pixel_values_bhwc):
         """[b, S, S, 3] CLIP-normalised pixels -> image tokens in LLM space [b, n, hidden]."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from flax import nnx
 
-from gamma_mod_jax.models.clip import ClipVisionTransformer
+from gamma_mod_jax.models.clip import ClipVisionTransformer, clip_scan_breaks
 from gamma_mod_jax.models.config import MLLMConfig
 from gamma_mod_jax.models.convnext import ConvNeXt
 from gamma_mod_jax.models.mgm_vision import MGMVisionTower
@@ -22,7 +22,7 @@ from gamma_mod_jax.models.mr_adapter import HRFusion, MRAdapter
 class LlavaVisionTower(nnx.Module):
     def __init__(self, cfg: MLLMConfig, *, rngs: nnx.Rngs):
         kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
-        self.clip = ClipVisionTransformer(cfg.clip, **kw)
+        self.clip = ClipVisionTransformer(cfg.clip, scan_breaks=clip_scan_breaks(cfg), **kw)
         self.select_layer = cfg.vision_select_layer
         self.keep_cls = cfg.vision_select_feature == "cls_patch"
 
@@ -36,8 +36,8 @@ class HRVisionTower(nnx.Module):
         kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
         slow_dim = cfg.convnext.dims[-1]
         fast_dim = cfg.clip.hidden_size
-        self.clip = ClipVisionTransformer(cfg.clip, **kw)
-        self.convnext = ConvNeXt(cfg.convnext, **kw)
+        self.clip = ClipVisionTransformer(cfg.clip, scan_breaks=clip_scan_breaks(cfg), **kw)
+        self.convnext = ConvNeXt(cfg.convnext, scan_layers=cfg.scan_layers, **kw)
         # Stage-1 models (`freeze_vision`) have no adapters: an empty list.
         self.adapters = nnx.List([MRAdapter(fast_dim, slow_dim, cfg.adapter_gate_hidden, **kw)
                                   for _ in cfg.adapter_after_layers])

@@ -20,6 +20,7 @@ DEFAULT_RULES below unless the config says otherwise:
     vision_heads -> tensor, vision_mlp -> tensor
     conv_out     -> fsdp          output channels of convolutions
     length, router, norm, conv_window, conv_in, vision_positions -> replicated
+    layers       (not listed)     the stacked-layer axis of scanned runs: kept whole
 
 Changing the parallelism is a config change: e.g. ("embed", None) turns FSDP off for
 the LLM, ("mlp", None) turns tensor parallelism of the MLP off.
@@ -88,9 +89,19 @@ PARAM_AXES: Tuple[Tuple[str, Tuple[Optional[str], ...]], ...] = (
 _COMPILED = tuple((re.compile(pattern), names) for pattern, names in PARAM_AXES)
 
 
+# A scanned run of layers (`llm/layers_stacked/1/...`, models/scan.py) stacks its layers'
+# parameters on a leading axis: named `layers` (not listed in the rules: kept whole), the
+# rest named as the per-layer parameter (`llm/layers/<i>/...`).
+_STACKED_RUN = re.compile(r"([^/]+)_stacked/\d+/")
+
+
 def param_logical_axes(path: str, ndim: int) -> Optional[Tuple[Optional[str], ...]]:
     """Logical names of the parameter at `path` ("/"-joined) with `ndim` dimensions,
     or None when no entry of PARAM_AXES covers it (the caller replicates it)."""
+    per_layer, stacked = _STACKED_RUN.subn(r"\1/0/", path)
+    if stacked:
+        inner = param_logical_axes(per_layer, ndim - stacked)
+        return None if inner is None else ("layers",) * stacked + inner
     for pattern, names in _COMPILED:
         if len(names) == ndim and pattern.fullmatch(path):
             return names

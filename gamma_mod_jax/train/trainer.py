@@ -42,6 +42,7 @@ from flax import nnx
 
 from gamma_mod_jax.models.config import MLLMConfig
 from gamma_mod_jax.parallel import data_parallel
+from gamma_mod_jax.parallel.activations import activation_sharding
 from gamma_mod_jax.parallel.mesh import DEFAULT_MESH, describe, make_mesh
 from gamma_mod_jax.parallel.sharding import BatchPlacer, like_params, param_shardings, place, replicated
 from gamma_mod_jax.train.metrics import MetricsWriter
@@ -81,7 +82,8 @@ def model_for_training(config, log=print):
         return load_checkpoint(checkpoint, config=saved)
     add_router = cfg.mod is not None and saved.mod is None
     add_adapters = bool(cfg.adapter_after_layers) and not saved.adapter_after_layers
-    comparable = dataclasses.replace(saved, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+    # dtypes and scan_layers (the parameters' layout in memory, not their values) may differ.
+    comparable = dataclasses.replace(saved, dtype=cfg.dtype, param_dtype=cfg.param_dtype, scan_layers=cfg.scan_layers,
                                      mod=cfg.mod if add_router else saved.mod,
                                      adapter_after_layers=cfg.adapter_after_layers if add_adapters
                                      else saved.adapter_after_layers)
@@ -91,7 +93,8 @@ def model_for_training(config, log=print):
     if not (add_router or add_adapters):
         log(f"model: {checkpoint}")
         return load_checkpoint(checkpoint, config=cfg)
-    source = load_checkpoint(checkpoint, config=dataclasses.replace(saved, dtype=cfg.dtype, param_dtype=cfg.param_dtype))
+    source = load_checkpoint(checkpoint, config=dataclasses.replace(saved, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                                                                    scan_layers=cfg.scan_layers))
     model = api.build_model(cfg, seed=config.seed)
     target = dict(param_paths(model))
     for path, var in param_paths(source):
@@ -408,7 +411,13 @@ class _PjitRunner:
         self.place_batch = BatchPlacer(self.mesh, rules, log=log)
         self.state = jax.jit(lambda p: init_train_state(p, tx), out_shardings=self.shardings)(
             place(params, self.shardings.params))
-        self._step = functools.partial(train_step, graphdef=graphdef, rest=rest, tx=tx, trainable=trainable)
+        step = functools.partial(train_step, graphdef=graphdef, rest=rest, tx=tx, trainable=trainable)
+
+        def constrained_step(state, batch):
+            # Traced inside the context: the model's activation constraints use this mesh and rules.
+            with activation_sharding(self.mesh, rules):
+                return step(state, batch)
+        self._step = constrained_step
         self._compiled = {}
         per_device = sum(_shard_bytes(x) for x in jax.tree.leaves(self.state))
         total = sum(x.nbytes for x in jax.tree.leaves(self.state))
