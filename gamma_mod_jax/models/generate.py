@@ -17,6 +17,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 
+def _check_batch(model, batch):
+    """The model's host-side input checks (ids against its vocabulary and image
+    placeholder), run before tracing; models without any pass."""
+    check = getattr(model, "check_batch", None)
+    if check is not None:
+        check(batch)
+
+
 def greedy_loop(decode_step, first_logits_bv, caches, *, max_new_tokens: int, eos_id: int, pad_id: int):
     """Greedy decoding from the prefill logits. Returns tokens [b, max_new_tokens]:
     generation stops per example after `eos_id` (which is kept), then `pad_id` follows."""
@@ -56,6 +64,7 @@ def generate(model: nnx.Module, batch: Mapping[str, jax.Array], *, max_new_token
     Compiles once per (batch shapes, max_new_tokens) bucket; pad prompts to a fixed
     set of lengths to bound recompilation.
     """
+    _check_batch(model, batch)
     graphdef, state = nnx.split(model)
     return _generate(graphdef, state, dict(batch), max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
 
@@ -81,6 +90,7 @@ def generate_timed(model: nnx.Module, batch: Mapping[str, jax.Array], *, max_new
                    pad_id: int = 0):
     """`generate` with prefill and decoding compiled and timed apart: (tokens [b, n],
     {"prefill_s", "decode_s"} of this call, the prefill's mod_aux). Same tokens as `generate`."""
+    _check_batch(model, batch)
     graphdef, state = nnx.split(model)
     start = time.perf_counter()
     first_logits, caches, aux = jax.block_until_ready(
@@ -94,6 +104,7 @@ def generate_timed(model: nnx.Module, batch: Mapping[str, jax.Array], *, max_new
 def stream_greedy(model: nnx.Module, batch: Mapping[str, jax.Array], *, max_new_tokens: int, eos_id: int) -> Iterator:
     """Greedy generation for one prompt (batch of 1), yielding each new token id as soon as it
     is chosen (EOS included, then stops): the tokens `generate` gives, one at a time."""
+    _check_batch(model, batch)
     graphdef, state = nnx.split(model)
     first_logits, caches, _ = _prefill(graphdef, state, dict(batch), max_new_tokens=max_new_tokens)
     token = jnp.argmax(first_logits, axis=-1).astype(jnp.int32)

@@ -12,6 +12,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx, struct
 
 from gamma_mod_jax import token_types as tt
@@ -33,6 +34,56 @@ class MLLMOutput:
     # γ-MoD statistics stacked over MoD layers ({} for a dense model): routing_loss [n_mod]
     # (unscaled), selected [n_mod, b, L], skip_ratio and skip_<type> [n_mod].
     mod_aux: dict = struct.field(default_factory=dict)
+
+
+def _is_concrete(x) -> bool:
+    return x is not None and not isinstance(x, jax.core.Tracer)
+
+
+def check_input_shapes(cfg: MLLMConfig, input_ids_bt, attention_mask_bt, pixel_values_bhwc, token_types_bt=None,
+                       labels_bt=None):
+    """Raises ValueError naming the argument, its shape and the expected one (runs at trace
+    time: shapes are static)."""
+    ids_shape = tuple(input_ids_bt.shape)
+    if len(ids_shape) != 2:
+        raise ValueError(f"input_ids: expected [batch, text_len], got shape {ids_shape}")
+    for name, x in (("attention_mask", attention_mask_bt), ("token_types", token_types_bt), ("labels", labels_bt)):
+        if x is not None and tuple(x.shape) != ids_shape:
+            raise ValueError(f"{name}: expected the shape of input_ids {ids_shape}, got {tuple(x.shape)}")
+    size = cfg.input_image_size
+    want = (ids_shape[0], size, size, 3)
+    got = tuple(pixel_values_bhwc.shape)
+    if got != want:
+        hint = ""
+        if len(got) == 4 and got[1] == 3 and got[-1] != 3:
+            hint = " (this looks like NCHW: the model takes NHWC, transpose with (0, 2, 3, 1))"
+        elif len(got) == 4 and got[1:3] != (size, size):
+            hint = f" (the model's input_image_size is {size}: resize the images, see gamma_mod_jax/data/image.py)"
+        raise ValueError(f"pixel_values: expected [batch, {size}, {size}, 3] = {want} (NHWC), got {got}{hint}")
+
+
+def check_input_values(cfg: MLLMConfig, input_ids_bt, attention_mask_bt=None):
+    """Host-side checks of concrete token ids (numpy or jax arrays): at most one image
+    placeholder per example (transformers-style prompts expand `<image>` into one id per
+    image feature; this model splices the features at a single placeholder itself), and
+    every other real token id inside the vocabulary. Raises ValueError naming example,
+    position and id."""
+    ids = np.asarray(input_ids_bt)
+    valid = np.ones(ids.shape, bool) if attention_mask_bt is None else np.asarray(attention_mask_bt).astype(bool)
+    placeholders = (ids == cfg.image_token_index) & valid
+    counts = placeholders.sum(axis=1)
+    if counts.max(initial=0) > 1:
+        i = int(np.argmax(counts > 1))
+        raise ValueError(
+            f"input_ids: example {i} holds {int(counts[i])} image placeholders (id {cfg.image_token_index}); the "
+            f"model takes one per example and splices its {cfg.num_image_tokens} image features there (a "
+            f"transformers-style prompt with the image token repeated per feature must keep just one)")
+    vocab = cfg.llm.vocab_size
+    bad = valid & ~placeholders & ((ids < 0) | (ids >= vocab))
+    if bad.any():
+        i, j = (int(v[0]) for v in np.nonzero(bad))
+        raise ValueError(f"input_ids: example {i}, position {j} holds id {int(ids[i, j])}, outside the vocabulary "
+                         f"[0, {vocab}) (the image placeholder is {cfg.image_token_index})")
 
 
 class LlavaModel(nnx.Module):
@@ -58,6 +109,9 @@ class LlavaModel(nnx.Module):
                          labels_bt=None):
         """Spliced input embeddings [b, L, hidden] and the per-position metadata."""
         cfg = self.config
+        check_input_shapes(cfg, input_ids_bt, attention_mask_bt, pixel_values_bhwc, token_types_bt, labels_bt)
+        if _is_concrete(input_ids_bt) and _is_concrete(attention_mask_bt):  # an eager call: check the ids too
+            check_input_values(cfg, input_ids_bt, attention_mask_bt)
         layout = splice_layout(input_ids_bt, attention_mask_bt, cfg.image_token_index, cfg.num_image_tokens)
         safe_ids = jnp.where(input_ids_bt == cfg.image_token_index, cfg.llm.pad_token_id, input_ids_bt)
         text_emb = self.llm.embed(safe_ids)                                             # [b, t, h]
@@ -94,6 +148,10 @@ class LlavaModel(nnx.Module):
         return "capacity" if self.config.mod is None else self.config.mod.inference
 
     # --- generation interface (see gamma_mod_jax/models/generate.py) ---
+
+    def check_batch(self, batch):
+        """Host-side checks of a generation batch before it is traced (see `check_input_values`)."""
+        check_input_values(self.config, batch["input_ids"], batch.get("attention_mask"))
 
     def prefill(self, batch, max_new_tokens: int):
         """Prompt into fresh caches (γ-MoD layers' sized by the inference routing, see
