@@ -77,6 +77,10 @@ def main(argv=None) -> int:
             return 0
         if not wants_selection(args) and (args.keep_dense is not None or args.threshold is not None):
             raise ValueError("--keep-dense / --threshold need --arank")
+        if not _is_ours(args.src) and not os.path.isfile(os.path.join(args.src, "config.json")):
+            raise CheckpointError(f"{args.src}: not a model; expected a model directory (model_config.json + params/), "
+                                  "a launch.train workdir (model/ or checkpoints/<step>/) or an HF-style directory "
+                                  "(config.json + weights) to import")
         if _is_ours(args.src):
             if args.dtype or args.allow_nonfinite:
                 raise ValueError("--dtype and --allow-nonfinite apply to importing HF-style directories")

@@ -85,8 +85,10 @@ def read_layer_selection(path: str, *, num_layers: int, keep_dense: Optional[int
         raise ValueError(f"{path}: not text; expected a γ-MoD config.json, an ARank JSON or an ARank log") from None
     try:
         doc = json.loads(text)
-    except json.JSONDecodeError:
-        doc = None
+    except json.JSONDecodeError as e:
+        if text.lstrip().startswith(("{", "[")):
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        doc = None  # a log
     if isinstance(doc, dict) and isinstance(doc.get("mod"), dict) and "mod_layers_idx" in doc["mod"]:
         if keep_dense is not None or threshold is not None:
             raise ValueError(f"{path}: a γ-MoD config.json names its MoD layers; --keep-dense / --threshold "
