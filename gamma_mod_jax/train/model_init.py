@@ -10,7 +10,6 @@ import os
 from typing import Optional
 
 import jax
-import numpy as np
 from flax import nnx
 
 from gamma_mod_jax.models.config import MLLMConfig
@@ -128,26 +127,22 @@ def write_model_config(workdir: str, cfg: MLLMConfig) -> None:
     os.replace(path + ".tmp", path)
 
 
-def write_final_model(workdir: str, graphdef, params, rest, log=print) -> str:
+def write_final_model(workdir: str, graphdef, params, rest, log=print) -> Optional[str]:
     """`<workdir>/model`: the trained model as a model directory (the converter's format,
-    what every launcher loads), replacing one an earlier finish of this run wrote. With
-    several processes the parameters are gathered and process 0 writes."""
+    what every launcher loads), replacing one an earlier finish of this run wrote; its
+    path, or None with several processes: there Orbax's save waits at barriers for every
+    process, and a model written by one of them hung it (seen with 2 processes), so the
+    workdir stays the model (every launcher resolves it to its newest checkpoint) and
+    `launch.convert --src <workdir> --dst DIR` writes the directory."""
     from gamma_mod_jax.convert.checkpoint import TRAINING_MODEL_DIR, save_checkpoint
 
     path = os.path.join(workdir, TRAINING_MODEL_DIR)
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        params = jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), params)
-    else:
-        params = jax.device_get(params)
-    if jax.process_index() == 0:
-        save_checkpoint(path, nnx.merge(graphdef, params, rest), replace=True)
-        log(f"model: wrote {path}")
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("final model written")
+        log(f"model: not written with {jax.process_count()} processes; the workdir {workdir} is read as a model "
+            f"(its newest checkpoint), and `python -m launch.convert --src {workdir} --dst DIR` writes one")
+        return None
+    save_checkpoint(path, nnx.merge(graphdef, jax.device_get(params), rest), replace=True)
+    log(f"model: wrote {path}")
     return path
 
 

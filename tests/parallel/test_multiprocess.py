@@ -13,7 +13,6 @@ import time
 import numpy as np
 import pytest
 
-from gamma_mod_jax.convert.keymap import param_paths
 from gamma_mod_jax.train.metrics import read_metrics
 from tests.parallel.helpers import LAUNCHER, child_env, processes_env, run, train_args
 
@@ -63,13 +62,6 @@ def test_tensor_axis_spanning_both_processes(tmp_path):
     assert "all-gathered between processes" in proc.stdout + proc.stderr
     one_process(tmp_path / "1x1", 1)
     assert_same_losses(losses(tmp_path / "t8"), losses(tmp_path / "1x1"))
-    # The final model of parameters split over both processes: gathered, written once.
-    from gamma_mod_jax.convert.checkpoint import load_checkpoint
-
-    gathered, single = load_checkpoint(str(tmp_path / "t8")), load_checkpoint(str(tmp_path / "1x1"))
-    assert gathered.config == single.config
-    for (path, a), (_, b) in zip(param_paths(gathered), param_paths(single)):
-        assert a.get_value().shape == b.get_value().shape and np.isfinite(np.asarray(a.get_value())).all(), path
 
 
 def test_a_dying_process_stops_the_job_with_a_clear_error(tmp_path):
