@@ -14,7 +14,6 @@ from gamma_mod_jax.config_file import load_config
 from gamma_mod_jax.convert.keymap import StateDictMismatchError, export_state_dict, load_state_dict, mllm_keymap
 from gamma_mod_jax.models.config import MLLMConfig
 from gamma_mod_jax.models.generate import generate
-from gamma_mod_jax.models.llama import make_router
 from gamma_mod_jax.models.mllm import LlavaModel, MLLMOutput
 
 __all__ = ["load_config", "model_config", "build_model", "abstract_model", "adapt_to_gamma_mod", "load_torch_state_dict",
@@ -44,19 +43,18 @@ def abstract_model(config) -> LlavaModel:
 
 def adapt_to_gamma_mod(dense: LlavaModel, mod, seed: int = 0) -> LlavaModel:
     """A γ-MoD model from a dense one: every weight copied unchanged, the MoD layers and
-    routing from `mod` (a MoDConfig or dict), the shared router freshly initialised."""
-    from gamma_mod_jax.mod.adapt import copy_dense_weights
+    routing from `mod` (a MoDConfig or dict), the shared router initialised as the γ-MoD
+    model's own initialisation at `seed` draws it (gamma_mod_jax/models/adapt.py, the
+    adaptation the converter and the trainer use too)."""
     from gamma_mod_jax.mod.config import MoDConfig
+    from gamma_mod_jax.models.adapt import adapt_model, plan_adaptation
 
     if dense.config.mod is not None:
         raise ValueError("adapt_to_gamma_mod: the source model is already a γ-MoD model")
     mod = mod if isinstance(mod, MoDConfig) else MoDConfig.from_dict(mod)
-    cfg = dataclasses.replace(dense.config, mod=mod)
-    gamma = build_model(cfg, seed=seed)
-    copy_dense_weights(dense, gamma)
-    # The router drawn alone from `seed`, as the streaming converter draws it.
-    gamma.llm.router = make_router(cfg.llm.hidden_size, mod, param_dtype=cfg.weight_dtype, rngs=nnx.Rngs(seed))
-    return gamma
+    adaptation = plan_adaptation(dense.config, dataclasses.replace(dense.config, mod=mod))
+    values = dict(nnx.to_flat_state(nnx.state(dense, nnx.Param)))
+    return adapt_model(adaptation, lambda wanted: {p: values[p].get_value() for p in wanted}, seed)
 
 
 def load_torch_state_dict(model: LlavaModel, state_dict: Mapping[str, object], *, source: str = "state dict"):

@@ -4,11 +4,12 @@
         --data random|npz:PATH --num-samples N [--batch-size B] [--seed S] \
         [--keep-dense 4 | --threshold X] --out arank.json [--plot arank.png]
 
---checkpoint: a dense checkpoint (save_checkpoint); its config must equal --config's
-model config (either may be given alone). Without one the weights are random (for
+--checkpoint: a dense model (a model directory, or a launch.train workdir / checkpoint);
+its config must equal --config's model config (either may be given alone). Without one the weights are random (for
 trying the tool only). The JSON (format gamma_mod_jax.arank/v1) holds per-layer mean,
 std and per-sample values, the rule and its selection; `launch.adapt` reads it. The
-default rule is the paper's: the 4 highest-ARank layers stay dense.
+default rule is the paper's: the 4 highest-ARank layers stay dense; of layers with equal
+ARank at the cut the later becomes γ-MoD first (`--ties`, gamma_mod_jax/mod/arank.py).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import tempfile
 from gamma_mod_jax import api as gm
 from gamma_mod_jax.convert.hf_files import CheckpointError
 from gamma_mod_jax.data.synthetic import batches_from_spec
-from gamma_mod_jax.mod.arank import arank_report
+from gamma_mod_jax.mod.arank import DEFAULT_TIES, TIES, arank_report
 from gamma_mod_jax.mod.arank_run import compute_arank
 
 DEFAULT_KEEP_DENSE = 4
@@ -42,7 +43,7 @@ def config_differences(a, b, prefix: str = "") -> list:
 def load_model(config_spec, checkpoint, *, seed: int = 0, log=print):
     """The model to analyse: the checkpoint (checked against the config when both are
     given) or, with the config alone, random weights."""
-    from gamma_mod_jax.convert.checkpoint import load_checkpoint, read_model_config
+    from gamma_mod_jax.convert.checkpoint import load_checkpoint, resolve_model
 
     cfg = gm.model_config(config_spec) if config_spec else None
     if checkpoint is None:
@@ -51,16 +52,15 @@ def load_model(config_spec, checkpoint, *, seed: int = 0, log=print):
         print(f"warning: no --checkpoint: ARank of randomly initialised weights (seed {seed}); "
               "the selection means nothing for a trained model", file=sys.stderr)
         return gm.build_model(cfg, seed=seed)
-    if not os.path.isdir(checkpoint):
-        raise CheckpointError(f"{checkpoint}: checkpoint directory not found")
-    saved = read_model_config(checkpoint)  # compared before any weight is read
+    source = resolve_model(checkpoint, log)  # a model directory or a launch.train workdir / checkpoint
+    saved = source.config  # compared before any weight is read
     if cfg is not None:
         diff = config_differences(cfg, saved)
         if diff:
             raise ValueError(f"{checkpoint}: its model config does not match --config {config_spec}: "
                              f"{'; '.join(diff)} (--config vs checkpoint)")
-    model = load_checkpoint(checkpoint, config=saved)
-    log(f"loaded {checkpoint}")
+    model = load_checkpoint(source, config=saved)
+    log(f"loaded {source.describe()}")
     return model
 
 
@@ -100,7 +100,7 @@ def plot_arank(report: dict, path: str) -> None:
             ax.bar([s["layer"] for s in sel], [s["mean"] for s in sel], yerr=[s["std"] for s in sel], capsize=2,
                    color=colour, label=f"{label} ({len(sel)})")
     rule = report["rule"]
-    rule_text = f"keep {rule['n']} dense" if rule["type"] == "keep_dense" else f"threshold {rule['value']}"
+    rule_text = f"keep {rule['n']} dense, ties {rule.get('ties', 'stay_dense')}" if rule["type"] == "keep_dense" else f"threshold {rule['value']}"
     ax.set_xlabel("decoder layer")
     ax.set_ylabel("ARank (mean over samples, ± std)")
     n = report["num_samples"]
@@ -143,7 +143,7 @@ def run(args, log=print) -> dict:
         batches = batches_from_spec(args.data, cfg, **data)
     rule = dict(keep_dense=args.keep_dense, threshold=args.threshold)
     stats = compute_arank(model, batches, log=log, num_samples=args.num_samples, **rule)
-    report = arank_report(stats, **rule)
+    report = arank_report(stats, **rule, ties=args.ties.replace("-", "_"))
     report["source"] = {"config": args.config, "checkpoint": args.checkpoint, "data": args.data,
                         "seed": args.seed, "batch_size": args.batch_size}
     write_json_atomic(args.out, report)
@@ -166,7 +166,7 @@ def run(args, log=print) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--config", help="configs/<file>.py[:arg] (model config)")
-    parser.add_argument("--checkpoint", help="dense checkpoint directory (save_checkpoint format)")
+    parser.add_argument("--checkpoint", help="dense model: a model directory or a launch.train workdir / checkpoint")
     parser.add_argument("--data", required=True, help="'random' or 'npz:<path>'")
     parser.add_argument("--num-samples", type=int, required=True)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -174,6 +174,10 @@ def main(argv=None):
     rule = parser.add_mutually_exclusive_group()
     rule.add_argument("--keep-dense", type=int, help=f"the N highest-ARank layers stay dense (default {DEFAULT_KEEP_DENSE})")
     rule.add_argument("--threshold", type=float, help="layers with ARank >= X stay dense")
+    parser.add_argument("--ties", choices=[t.replace("_", "-") for t in TIES], default=DEFAULT_TIES.replace("_", "-"),
+                        help="--keep-dense with equal ARank values at the cut: later-mod keeps exactly N dense, the "
+                        "later of equal layers becoming γ-MoD first; stay-dense keeps every tied layer dense "
+                        "(the paper's wording)")
     parser.add_argument("--out", required=True, help="ARank JSON to write")
     parser.add_argument("--plot", help="PNG bar chart to write")
     args = parser.parse_args(argv)

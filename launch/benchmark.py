@@ -19,7 +19,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", default="configs/benchmark.py")
     parser.add_argument("--out", default="results.json")
-    parser.add_argument("--checkpoint", help="benchmark this γ-MoD checkpoint (our format) instead of random weights; "
+    parser.add_argument("--checkpoint", help="benchmark this γ-MoD model (a model directory or a launch.train workdir) instead of random weights; "
                                              "--config then gives only batch size, repeats and decode settings")
     args = parser.parse_args(argv)
     config = load_config(args.config)

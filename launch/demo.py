@@ -246,17 +246,9 @@ def main(argv=None):
     arank_batches = [next(batches) for _ in range(demo.arank_batches)]
     stats = compute_arank(dense, arank_batches, keep_dense=demo.keep_dense)
     report_arank = arank_report(stats, keep_dense=demo.keep_dense)
+    # Ties (e.g. every layer full rank, usual for a model this small and this briefly
+    # trained) are broken by layer order, the later layer becoming γ-MoD first (mod/arank.py).
     mod_layers = tuple(report_arank["mod_layers"])
-    if not mod_layers:
-        # Ties (e.g. every layer full rank, usual for a model this small and this briefly
-        # trained) keep every layer dense under the paper's rule; break them by layer order,
-        # as the released models keep the first layers dense.
-        order = sorted(range(len(stats)), key=lambda i: (-stats[i]["mean"], i))
-        report_arank["dense_layers"] = sorted(order[: demo.keep_dense])
-        report_arank["mod_layers"] = sorted(order[demo.keep_dense:])
-        report_arank["tie_break"] = "layer order"
-        mod_layers = tuple(report_arank["mod_layers"])
-        print("ARank ties: every layer would stay dense; broken by layer order")
     write_json_atomic(os.path.join(out, "arank.json"), report_arank)
     plot_arank(report_arank, os.path.join(out, "arank.png"))
     print(f"ARank per layer {[round(s['mean'], 2) for s in stats]}: dense {report_arank['dense_layers']}, "

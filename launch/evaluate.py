@@ -38,13 +38,15 @@ def data_section(spec: str, split: str, buckets) -> dict:
 
 
 def load_model(checkpoint: str, inference):
-    """Our checkpoint, its γ-MoD inference routing replaced by `inference` when given."""
-    from gamma_mod_jax.convert.checkpoint import load_checkpoint, read_model_config
+    """The model of `checkpoint` (a model directory or a launch.train workdir / checkpoint),
+    its γ-MoD inference routing replaced by `inference` when given."""
+    from gamma_mod_jax.convert.checkpoint import load_checkpoint, resolve_model
 
-    cfg = read_model_config(checkpoint)
+    source = resolve_model(checkpoint)
+    cfg = source.config
     if inference and cfg.mod is not None:
         cfg = dataclasses.replace(cfg, mod=dataclasses.replace(cfg.mod, inference=inference))
-    return load_checkpoint(checkpoint, config=cfg)
+    return load_checkpoint(source, config=cfg)
 
 
 def model_label(checkpoint: str, model) -> str:
@@ -104,12 +106,12 @@ def run_benchmarks(args) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="our checkpoint directory")
+    parser.add_argument("--checkpoint", required=True, help="a model directory, or a launch.train workdir / checkpoint")
     parser.add_argument("--tokenizer", required=True, help="a local tokenizer directory")
     parser.add_argument("--data", required=True, help="--benchmark: LLaVA's playground/data/eval folder; "
                         "else 'easy_vqa' or 'llava_json:<file>[,<image dir>]'")
     parser.add_argument("--benchmark", default=None, help="benchmark name(s), comma-separated, or 'all'")
-    parser.add_argument("--compare", default=None, help="--benchmark: a second checkpoint on the same questions")
+    parser.add_argument("--compare", default=None, help="--benchmark: a second model (directory or workdir) on the same questions")
     parser.add_argument("--questions", default=None, help="--benchmark: another question file than the layout's")
     parser.add_argument("--images", default=None, help="--benchmark: another image folder than the layout's")
     parser.add_argument("--mmbench-rounds", choices=("all", "first"), default="all",

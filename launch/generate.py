@@ -30,7 +30,7 @@ class InputError(ValueError):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="our checkpoint directory (launch.convert or training)")
+    parser.add_argument("--checkpoint", required=True, help="a model directory (launch.convert, launch.adapt) or a launch.train workdir / checkpoint")
     parser.add_argument("--tokenizer", required=True, help="a local tokenizer directory")
     parser.add_argument("--prompt", help="one question to answer (streamed)")
     parser.add_argument("--image", help="image file for --prompt (omit for a text-only prompt)")
@@ -126,15 +126,16 @@ def run(args, out) -> int:
     import jax.numpy as jnp
     import numpy as np
 
-    from gamma_mod_jax.convert.checkpoint import load_checkpoint, read_model_config
+    from gamma_mod_jax.convert.checkpoint import load_checkpoint, resolve_model
     from gamma_mod_jax.data.pipeline import collate_prompts
     from gamma_mod_jax.data.tokenizer import load_tokenizer
     from gamma_mod_jax.models.generate import generate_timed, stream_greedy
 
-    cfg = read_model_config(args.checkpoint)
+    source = resolve_model(args.checkpoint)  # a model directory or a launch.train workdir / checkpoint
+    cfg = source.config
     if args.inference and cfg.mod is not None:
         cfg = dataclasses.replace(cfg, mod=dataclasses.replace(cfg.mod, inference=args.inference))
-    model = load_checkpoint(args.checkpoint, config=cfg)
+    model = load_checkpoint(source, config=cfg)
     tokenizer = load_tokenizer(args.tokenizer)
     eos, pad = cfg.llm.eos_token_id, int(tokenizer.pad_token_id or 0)
     keys = ("input_ids", "attention_mask", "token_types", "pixel_values")

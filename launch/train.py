@@ -4,8 +4,17 @@
         [--config.init_checkpoint=/ckpt/stage1] [--config.optim.learning_rate=2e-5]
 
 Resumes automatically from the newest checkpoint in `<workdir>/checkpoints`; writes
-`<workdir>/metrics.jsonl`, TensorBoard files in `<workdir>/tensorboard` and the resolved
-config as `<workdir>/config.json`. SIGTERM saves a checkpoint and exits cleanly.
+`<workdir>/metrics.jsonl`, TensorBoard files in `<workdir>/tensorboard`, the resolved
+config as `<workdir>/config.json`, the model config as `<workdir>/model_config.json`, and,
+once the run finishes (one process), the trained model as `<workdir>/model` (a model directory, as
+launch.convert writes; every launcher also takes the workdir itself). SIGTERM saves a
+checkpoint and exits cleanly.
+
+--config.init_checkpoint=DIR (a model directory or a workdir): the model config comes
+from that checkpoint; the recipe's model may change only the dtypes, γ-MoD (a dense
+checkpoint is adapted to the recipe's `mod`; for a γ-MoD one, the `--config.model.mod.*`
+given) and add LLaVA-HR's MR-Adapters (stage 1 -> 2). Any other `--config.model.*` given
+must equal the checkpoint's value (exit 2 naming field and both values otherwise).
 
 Parallelism comes from the config (`--config.parallelism=pjit|pmap`,
 `--config.mesh.fsdp=8`, `--config.sharding_rules=...`; see configs/train.py). Several
@@ -79,6 +88,17 @@ def _exit_on_error(e: Exception, process_count: int) -> None:
     os._exit(2 if message is not None else 1)
 
 
+def _explicit_model_fields():
+    """The model fields this command line sets (`--config.model.llm.hidden_size=...` ->
+    'llm.hidden_size'; `--config.model=...`: None, all of them): with init_checkpoint,
+    only these are compared with the checkpoint's config (the recipe's other model
+    defaults give way to the checkpoint's)."""
+    overrides = config_flags.get_override_values(flags.FLAGS["config"])
+    if "model" in overrides:
+        return None
+    return {name[len("model."):] for name in overrides if name.startswith("model.")}
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
@@ -89,16 +109,18 @@ def main(argv):
                initialization_timeout_s=_INIT_TIMEOUT.value, log=print)
     import jax
 
-    from gamma_mod_jax.train.trainer import check_writable, train
+    from gamma_mod_jax.train.trainer import check_training_config, check_writable, train
 
     config, workdir = _CONFIG.value, _WORKDIR.value
     make_data_iterator = _import_function(_DATA_ITERATOR.value) if _DATA_ITERATOR.value else None
     try:
+        check_training_config(config)  # e.g. a model directory's config.py: exit 2 before anything is written
         check_writable(workdir)  # a read-only or full disk, or a file named like workdir: exit 2 before anything
         if jax.process_index() == 0:
             with open(os.path.join(workdir, "config.json"), "w") as f:
                 f.write(config.to_json(indent=2))
-        summary = train(config, workdir, make_data_iterator=make_data_iterator)
+        summary = train(config, workdir, make_data_iterator=make_data_iterator,
+                        explicit_model_fields=_explicit_model_fields())
     except Exception as e:  # noqa: BLE001 - sorted below; anything unexpected is re-raised
         _exit_on_error(e, jax.process_count())
     if jax.process_index() == 0:

@@ -28,7 +28,6 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import jax
 import numpy as np
-from flax import nnx
 from orbax.checkpoint.experimental import v1 as ocp
 
 from gamma_mod_jax.convert.hf_config import (hf_config_from_mllm, mllm_config_from_hf, mllm_config_to_dict,
@@ -110,12 +109,14 @@ def _terminate_as_exception():
 
 
 @contextlib.contextmanager
-def atomic_directory(dst: str, log: Callable[[str], None] = print):
+def atomic_directory(dst: str, log: Callable[[str], None] = print, *, replace: bool = False):
     """Yields a temporary sibling of `dst`, renamed to `dst` only if the block succeeds.
     The temporary directory is removed on any failure, Ctrl-C and SIGTERM; ones left by
-    writers killed harder (SIGKILL, power loss) are removed by the next write to `dst`."""
+    writers killed harder (SIGKILL, power loss) are removed by the next write to `dst`.
+    `replace`: an existing `dst` is replaced once the new one is complete (moved aside
+    under a temporary name, then removed), instead of being an error."""
     dst = os.path.abspath(dst)
-    if os.path.exists(dst):
+    if os.path.exists(dst) and not replace:
         raise CheckpointError(f"{dst}: already exists; refusing to overwrite it")
     parent = os.path.dirname(dst)
     os.makedirs(parent, exist_ok=True)
@@ -124,7 +125,13 @@ def atomic_directory(dst: str, log: Callable[[str], None] = print):
     try:
         with _terminate_as_exception():
             yield tmp
-            os.rename(tmp, dst)
+            if os.path.exists(dst):
+                old = f"{tmp}-replaced"  # a partial's name: removed by the next write if we die here
+                os.rename(dst, old)
+                os.rename(tmp, dst)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, dst)
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
@@ -175,17 +182,17 @@ def _write_config(directory: str, cfg: MLLMConfig) -> None:
         f.write(_CONFIG_PY)
 
 
-def save_checkpoint(dst: str, model) -> None:
-    """Writes `model` (parameters + config) to a new directory `dst`, atomically."""
-    with atomic_directory(dst) as tmp:
+def save_checkpoint(dst: str, model, *, replace: bool = False) -> None:
+    """Writes `model` (parameters + config) to a new directory `dst`, atomically
+    (`replace`: an existing `dst` is replaced once the new one is complete)."""
+    with atomic_directory(dst, replace=replace) as tmp:
         params = _nest((path, np.asarray(var.get_value())) for path, var in param_paths(model))
         ocp.save(os.path.join(tmp, PARAMS_DIR), params)
         _write_config(tmp, model.config)
         write_manifest(tmp)
 
 
-def read_model_config(src: str) -> MLLMConfig:
-    path = os.path.join(src, MODEL_CONFIG_FILE)
+def _read_config_file(path: str) -> MLLMConfig:
     try:
         return MLLMConfig.from_dict(read_json(path))
     except (TypeError, ValueError) as e:
@@ -194,44 +201,240 @@ def read_model_config(src: str) -> MLLMConfig:
         raise CheckpointError(f"{path}: not a model config ({e})") from None
 
 
-def _load_params(src: str, abstract_leaves: Dict[Path, jax.ShapeDtypeStruct], partial: bool) -> Dict[Path, object]:
+# --------------------------------------------------------------------------- model sources
+
+TRAINING_MODEL_DIR = "model"              # <workdir>/model: the final model launch.train writes
+TRAINING_CHECKPOINTS_DIR = "checkpoints"  # <workdir>/checkpoints/<step>: training checkpoints
+TRAINING_STATE_ITEM = "state"             # their train state (parameters under `params`)
+EXPECTED_MODEL = ("expected a model directory (model_config.json + params/, written by launch.convert, "
+                  "launch.adapt or launch.train as <workdir>/model) or a launch.train workdir (model/ or "
+                  "checkpoints/<step>/)")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    """Where a model is read from: a model directory (`save_checkpoint`, launch.convert,
+    `<workdir>/model`) or a training checkpoint (`<workdir>/checkpoints/<step>`, whose
+    train state holds the parameters under `params`, each as `<path>/value`)."""
+    given: str                  # the path as named by the user
+    directory: str              # the model directory, or the training checkpoint's step directory
+    config: MLLMConfig
+    step: Optional[int] = None  # the training step of a training checkpoint
+
+    @property
+    def is_training_checkpoint(self) -> bool:
+        return self.step is not None
+
+    def describe(self) -> str:
+        if self.is_training_checkpoint:
+            return f"{self.given} (training checkpoint {self.directory}, step {self.step})"
+        return self.given if os.path.abspath(self.given) == self.directory else f"{self.given} ({self.directory})"
+
+
+def training_model_config(workdir: str) -> MLLMConfig:
+    """The model config of a launch.train run: `<workdir>/model_config.json` (written when
+    the run starts), else the `model` of its resolved `config.json`."""
+    path = os.path.join(workdir, MODEL_CONFIG_FILE)
+    if os.path.isfile(path):
+        return _read_config_file(path)
+    run_config = os.path.join(workdir, "config.json")
+    model = read_json(run_config).get("model") if os.path.isfile(run_config) else None
+    if not isinstance(model, dict):
+        raise CheckpointError(f"{workdir}: a training workdir without {MODEL_CONFIG_FILE} (nor a `model` in "
+                              "config.json) gives no model config for its checkpoints")
+    try:
+        return MLLMConfig.from_dict(model)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{run_config}: `model` is not a model config ({e})") from None
+
+
+def _training_steps(checkpoints_dir: str) -> List[int]:
+    """Finished training checkpoints (Orbax's `<step>.orbax-checkpoint-tmp` excluded), newest first."""
+    names = os.listdir(checkpoints_dir) if os.path.isdir(checkpoints_dir) else []
+    return sorted((int(n) for n in names if n.isdigit()
+                   and os.path.isdir(os.path.join(checkpoints_dir, n, TRAINING_STATE_ITEM))), reverse=True)
+
+
+def resolve_model(path, log: Callable[[str], None] = print) -> ModelSource:
+    """The model a launcher reads from `path`: a model directory; a training workdir,
+    which resolves to its `model/` if present, else to its newest checkpoint whose manifest
+    verifies (newer ones that do not are named in the log); or one training checkpoint
+    `<workdir>/checkpoints/<step>`. The manifest of what it resolves to is verified here
+    (CheckpointIntegrityError naming the file), before any config or tensor is read.
+    CheckpointError naming `path` and what was expected otherwise. A ModelSource is
+    returned as it is."""
+    from gamma_mod_jax.convert.manifest import CheckpointIntegrityError
+
+    if isinstance(path, ModelSource):
+        return path
+    directory = os.path.abspath(path)
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"{path}: no such directory; {EXPECTED_MODEL}")
+    if os.path.isfile(os.path.join(directory, MODEL_CONFIG_FILE)) and os.path.isdir(os.path.join(directory, PARAMS_DIR)):
+        verify_manifest(directory)  # a directory without a manifest (older writes) is read unverified
+        return ModelSource(path, directory, _read_config_file(os.path.join(directory, MODEL_CONFIG_FILE)))
+    parent = os.path.dirname(directory)
+    if (os.path.basename(parent) == TRAINING_CHECKPOINTS_DIR and os.path.basename(directory).isdigit()
+            and os.path.isdir(os.path.join(directory, TRAINING_STATE_ITEM))):
+        unverified = verify_manifest(directory)
+        if unverified:
+            log(f"warning: {unverified}; reading it unverified")
+        return ModelSource(path, directory, training_model_config(os.path.dirname(parent)),
+                           step=int(os.path.basename(directory)))
+    final = os.path.join(directory, TRAINING_MODEL_DIR)
+    if os.path.isfile(os.path.join(final, MODEL_CONFIG_FILE)):
+        return dataclasses.replace(resolve_model(final, log), given=path)
+    checkpoints_dir = os.path.join(directory, TRAINING_CHECKPOINTS_DIR)
+    steps = _training_steps(checkpoints_dir)
+    if os.path.isdir(checkpoints_dir):
+        skipped = []
+        for step in steps:
+            step_dir = os.path.join(checkpoints_dir, str(step))
+            try:
+                unverified = verify_manifest(step_dir)
+            except CheckpointIntegrityError as e:
+                unverified = str(e)
+            if unverified:
+                skipped.append(unverified)
+                continue
+            for reason in skipped:
+                log(f"warning: skipping {reason}")
+            return ModelSource(path, step_dir, training_model_config(directory), step=step)
+        raise CheckpointError(f"{path}: a training workdir with no {TRAINING_MODEL_DIR}/ and no verified checkpoint "
+                              f"in {checkpoints_dir}" + (f" ({'; '.join(skipped)})" if skipped else ""))
+    raise CheckpointError(f"{path}: not a model; {EXPECTED_MODEL}")
+
+
+def read_model_config(src) -> MLLMConfig:
+    """The model config of a model directory or training workdir / checkpoint (resolve_model)."""
+    return resolve_model(src).config
+
+
+def _load_params(source: ModelSource, abstract_leaves: Dict[Path, jax.ShapeDtypeStruct],
+                 partial: bool) -> Dict[Path, object]:
     """{path: array} for the parameters named in `abstract_leaves` (all of them unless `partial`)."""
-    target = _nest(abstract_leaves.items())
-    params_dir = os.path.join(os.path.abspath(src), PARAMS_DIR)
-    if not os.path.isdir(params_dir):
-        raise CheckpointError(f"{params_dir}: no parameter checkpoint")
+    if source.is_training_checkpoint:
+        # The train state's `params` (an nnx.State: each leaf under `<path>/value`); the
+        # optimizer state and counters beside it are not read.
+        target = {"params": _nest((path + ("value",), leaf) for path, leaf in abstract_leaves.items())}
+        where, item, partial, unwrap = source.directory, TRAINING_STATE_ITEM, True, lambda p: p[1:-1]
+    else:
+        target = _nest(abstract_leaves.items())
+        where, item, unwrap = os.path.join(source.directory, PARAMS_DIR), None, lambda p: p
+        if not os.path.isdir(where):
+            raise CheckpointError(f"{where}: no parameter checkpoint")
     context = ocp.Context()
     context.pytree.loading.partial_load = partial
     try:
         with context:
-            restored = ocp.load(params_dir, target)
+            restored = ocp.load(where, target) if item is None else ocp.load(where, target, checkpointable_name=item)
     except Exception as e:  # Orbax reports structure/shape mismatches in many exception types
-        raise CheckpointError(f"{params_dir}: does not match {os.path.join(src, MODEL_CONFIG_FILE)} "
+        raise CheckpointError(f"{where}: does not match the model config of {source.describe()} "
                               f"({type(e).__name__}: {str(e)[:2000]})") from None
     by_string = {tuple(map(str, p)): p for p in abstract_leaves}
-    return {by_string[p]: leaf for p, leaf in _flatten(restored)}
+    values = {by_string[unwrap(p)]: leaf for p, leaf in _flatten(restored)}
+    missing = [p for p in abstract_leaves if p not in values]
+    if missing:
+        raise CheckpointError(f"{where}: no value for {len(missing)} parameter(s), e.g. "
+                              f"{'/'.join(map(str, missing[0]))}")
+    return values
 
 
-def load_checkpoint(src: str, sharding_for: Optional[Callable] = None, config: Optional[MLLMConfig] = None):
-    """Restores a model written by `save_checkpoint` / `convert_hf_checkpoint` onto any device
-    layout: `sharding_for(path, shape_dtype)` gives each parameter's target sharding
-    (default: the first device), so only each device's own slices are read.
-    `config`: restore with this config instead of the saved one (dtypes may differ)."""
+def load_checkpoint(src, sharding_for: Optional[Callable] = None, config: Optional[MLLMConfig] = None):
+    """Restores the model of `src` (a model directory, a training workdir or checkpoint:
+    resolve_model, or a ModelSource) onto any device layout: `sharding_for(path,
+    shape_dtype)` gives each parameter's target sharding (default: the first device), so
+    only each device's own slices are read. `config`: restore with this config instead
+    of the saved one (dtypes may differ)."""
+    source = resolve_model(src)
+    model = abstract_model_for(config if config is not None else source.config)
+    return _fill(model, source, sharding_for)
+
+
+def abstract_model_for(cfg: MLLMConfig):
     from gamma_mod_jax.api import abstract_model  # convert/ -> models/: the API builds the model
 
-    verify_manifest(os.path.abspath(src))
-    cfg = config if config is not None else read_model_config(src)
-    model = abstract_model(cfg)
+    return abstract_model(cfg)
+
+
+def abstract_params(model, sharding_for: Optional[Callable] = None) -> Dict[Path, jax.ShapeDtypeStruct]:
+    """{path: ShapeDtypeStruct} of `model`'s parameters, placed by `sharding_for` (default: the first device)."""
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    variables = dict(param_paths(model))
-    abstract = {}
-    for path, var in variables.items():
+    out = {}
+    for path, var in param_paths(model):
         leaf = var.get_value()
-        abstract[path] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
-                                              sharding=sharding_for(path, leaf) if sharding_for else default)
-    for path, value in _load_params(src, abstract, partial=False).items():
+        out[path] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                         sharding=sharding_for(path, leaf) if sharding_for else default)
+    return out
+
+
+def read_params(src, abstract_leaves: Dict[Path, jax.ShapeDtypeStruct]) -> Dict[Path, object]:
+    """The parameters named in `abstract_leaves` (a subset is fine) from the model of `src`
+    (those without a sharding onto the first device)."""
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    placed = {p: leaf if getattr(leaf, "sharding", None) is not None else
+              jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=default) for p, leaf in abstract_leaves.items()}
+    return _load_params(resolve_model(src), placed, partial=True)
+
+
+def _fill(model, source: ModelSource, sharding_for):
+    variables = dict(param_paths(model))
+    for path, value in _load_params(source, abstract_params(model, sharding_for), partial=False).items():
         variables[path].set_value(value)
     return model
+
+
+def _groups(abstract: Dict[Path, jax.ShapeDtypeStruct], budget: int) -> List[Dict[Path, jax.ShapeDtypeStruct]]:
+    """Consecutive groups of parameters of about `budget` bytes each (at least one parameter)."""
+    groups: List[Dict[Path, jax.ShapeDtypeStruct]] = [{}]
+    size = 0
+    for path, leaf in abstract.items():
+        nbytes = int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+        if groups[-1] and size + nbytes > budget:
+            groups.append({})
+            size = 0
+        groups[-1][path] = leaf
+        size += nbytes
+    return groups
+
+
+def write_model(src, dst: str, *, mod=None, seed: int = 0, part_bytes: int = 2**30, replace: bool = False,
+                log: Callable[[str], None] = print):
+    """Writes the model of `src` (a model directory, a training workdir or checkpoint:
+    resolve_model) as a model directory `dst`, streaming about `part_bytes` of parameters
+    at a time, atomically. `mod`: a MoDConfig turning a dense model into a γ-MoD one
+    (models/adapt.py; the router drawn from `seed`). Returns the written model config."""
+    from gamma_mod_jax.models.adapt import fresh_values, plan_adaptation
+
+    source = resolve_model(src, log)
+    cfg = source.config
+    if mod is not None:
+        if cfg.mod is not None:
+            raise CheckpointError(f"{source.describe()}: already a γ-MoD model (MoD layers {list(cfg.mod.layers)}); "
+                                  "a layer selection applies to dense models only")
+        cfg = dataclasses.replace(cfg, mod=mod)
+    adaptation = plan_adaptation(source.config, cfg)  # also validates cfg (e.g. MoD layers that do not exist)
+    target = abstract_params(abstract_model_for(cfg), lambda path, leaf: jax.sharding.SingleDeviceSharding(
+        jax.devices("cpu")[0]))
+    copied = {path: target[path] for path in adaptation.copied}
+    groups = _groups(copied, part_bytes)
+    log(f"{source.describe()}: {cfg.family}, {cfg.llm.num_hidden_layers} LLM layers"
+        f"{'' if cfg.mod is None else f', γ-MoD layers {list(cfg.mod.layers)}'}; writing {len(copied)} "
+        f"parameters in {len(groups)} part(s) to {dst}")
+    with atomic_directory(dst, log, replace=replace) as tmp:
+        params_dir = os.path.join(tmp, PARAMS_DIR)
+        for group in groups:
+            values = _load_params(source, group, partial=True)
+            ocp.partial.save(params_dir, _nest((p, np.asarray(v)) for p, v in values.items()))
+        if adaptation.fresh:
+            fresh = fresh_values(cfg, adaptation.fresh, seed)
+            ocp.partial.save(params_dir, _nest((p, np.asarray(v)) for p, v in fresh.items()))
+            log(f"  {adaptation.added()} initialised (seed {seed})")
+        ocp.partial.finalize(params_dir)
+        _write_config(tmp, cfg)
+        write_manifest(tmp)
+    log(f"wrote {dst}")
+    return cfg
 
 
 # --------------------------------------------------------------------------- import
@@ -285,7 +488,7 @@ def convert_hf_checkpoint(src: str, dst: str, *, dtype: Optional[str] = None, mo
     opened; integer tensors and (unless `allow_nonfinite`) NaN/Inf values are errors.
     Returns the written model config."""
     from gamma_mod_jax.api import abstract_model
-    from gamma_mod_jax.models.llama import make_router
+    from gamma_mod_jax.models.adapt import fresh_values, plan_adaptation
 
     config_path = os.path.join(src, "config.json")
     hf_config = read_json(config_path)
@@ -299,12 +502,12 @@ def convert_hf_checkpoint(src: str, dst: str, *, dtype: Optional[str] = None, mo
         if cfg.mod is not None:
             raise CheckpointError(f"{config_path}: already a γ-MoD checkpoint (MoD layers {list(cfg.mod.layers)}); "
                                   "an ARank selection applies to dense checkpoints only")
-        cfg = dataclasses.replace(cfg, mod=mod)
+        dense_cfg, cfg = cfg, dataclasses.replace(cfg, mod=mod)
     model = abstract_model(cfg)  # validates the config (e.g. MoD layers that do not exist)
-    adapting = mod is not None
+    fresh = set(plan_adaptation(dense_cfg, cfg).fresh) if mod is not None else set()  # the router
+    keymap = mllm_keymap(cfg.family, _source_mod_layers(source_cfg))
     params = param_paths(model)
-    is_router = lambda path: path[:2] == ("llm", "router")
-    chosen = match_state_dict(params, state_dict, keymap, source=src, skip=is_router if adapting else lambda p: False)
+    chosen = match_state_dict(params, state_dict, keymap, source=src, skip=lambda path: path in fresh)
 
     shards = sorted({state_dict.shard_of(key) for _, _, key in chosen})
     sizes = {s: os.path.getsize(s) for s in shards}
@@ -335,10 +538,8 @@ def convert_hf_checkpoint(src: str, dst: str, *, dtype: Optional[str] = None, mo
                 part_size += value.nbytes
                 written += 1
             state_dict.close(shard)
-        if adapting:
-            router = make_router(cfg.llm.hidden_size, cfg.mod, param_dtype=cfg.weight_dtype, rngs=nnx.Rngs(seed))
-            part += [(("llm", "router") + tuple(path), np.asarray(var.get_value()))
-                     for path, var in param_paths(router)]
+        if fresh:
+            part += [(path, np.asarray(value)) for path, value in fresh_values(cfg, sorted(fresh, key=str), seed).items()]
             log(f"  router initialised ({cfg.mod.router_init}, seed {seed}) for MoD layers {list(cfg.mod.layers)}")
         flush()
         ocp.partial.finalize(params_dir)
@@ -367,8 +568,8 @@ def export_hf_checkpoint(src: str, dst: str, *, format: str = "original", image_
         raise ValueError(f"unknown export format {format!r}; expected one of {', '.join(EXPORT_FORMATS)}")
     if image_token_index is not None and format != "hf-llava":
         raise ValueError("--image-token-index applies to --format hf-llava only")
-    verify_manifest(os.path.abspath(src))
-    cfg = read_model_config(src)
+    source = resolve_model(src)
+    cfg = source.config
     if format == "hf-llava":
         hf_config = hf_llava_config_from_mllm(cfg, image_token_index)  # refuses what the class cannot hold
         keymap = EXPORT_KEYMAP
@@ -391,7 +592,7 @@ def export_hf_checkpoint(src: str, dst: str, *, format: str = "original", image_
     with atomic_directory(dst, log) as tmp:
         writer = SafetensorsShardWriter(tmp, num_shards=len(groups))
         for number, group in enumerate(groups, 1):
-            values = _load_params(src, dict(group), partial=True)
+            values = _load_params(source, dict(group), partial=True)
             tensors = {}
             for path, _ in group:
                 array = np.ascontiguousarray(to_torch_layout(path, np.asarray(values.pop(path))))

@@ -79,29 +79,49 @@ class ARankAccumulator:
                 for i, v in enumerate(self.per_sample)]
 
 
-def select_dense_layers(mean_ranks, *, keep_dense=None, threshold=None):
-    """The layers that stay dense (sorted). `keep_dense=N`: the paper's rule, every layer
-    whose ARank is at least the N-th largest (ties stay dense); `threshold=x`: layers
-    with ARank >= x. Every other layer becomes a MoD layer."""
+TIES = ("later_mod", "stay_dense")
+DEFAULT_TIES = "later_mod"
+
+
+def select_dense_layers(mean_ranks, *, keep_dense=None, threshold=None, ties=DEFAULT_TIES):
+    """The layers that stay dense (sorted); every other layer becomes a MoD layer.
+
+    `keep_dense=N`: the paper's rule, the N highest-ARank layers stay dense. Equal ARank
+    values at the cut are settled by `ties`: "later_mod" (default) keeps exactly N layers
+    dense, and of layers with equal ARank the later one becomes γ-MoD first (layers ranked
+    by ARank descending, then index ascending; early layers stay dense, as in the released
+    configs' dense layers 0, 1, 2); "stay_dense" keeps every layer whose ARank equals the
+    N-th largest dense (the paper's wording taken literally: all layers tied at the cut
+    stay dense, so a model whose layers all tie gets no MoD layer).
+    `threshold=x`: layers with ARank >= x stay dense."""
     ranks = [float(r) for r in mean_ranks]
     if (keep_dense is None) == (threshold is None):
         raise ValueError("give exactly one of keep_dense=N or threshold=x")
-    if keep_dense is not None:
-        if not 1 <= keep_dense <= len(ranks):
-            raise ValueError(f"keep_dense={keep_dense} must be between 1 and the number of layers ({len(ranks)})")
+    if ties not in TIES:
+        raise ValueError(f"ties={ties!r}: expected one of {TIES}")
+    if threshold is not None:
+        return tuple(i for i, r in enumerate(ranks) if r >= float(threshold))
+    if not 1 <= keep_dense <= len(ranks):
+        raise ValueError(f"keep_dense={keep_dense} must be between 1 and the number of layers ({len(ranks)})")
+    if ties == "stay_dense":
         cutoff = sorted(ranks, reverse=True)[keep_dense - 1]
-    else:
-        cutoff = float(threshold)
-    return tuple(i for i, r in enumerate(ranks) if r >= cutoff)
+        return tuple(i for i, r in enumerate(ranks) if r >= cutoff)
+    order = sorted(range(len(ranks)), key=lambda i: (-ranks[i], i))
+    return tuple(sorted(order[:keep_dense]))
 
 
-def arank_report(stats, *, keep_dense=None, threshold=None) -> dict:
+def selection_rule(keep_dense=None, threshold=None, ties=DEFAULT_TIES) -> dict:
+    """The rule as the ARank JSON records it."""
+    if keep_dense is not None:
+        return {"type": "keep_dense", "n": keep_dense, "ties": ties}
+    return {"type": "threshold", "value": threshold}
+
+
+def arank_report(stats, *, keep_dense=None, threshold=None, ties=DEFAULT_TIES) -> dict:
     """The ARank JSON document: per-layer statistics, the rule and its selection."""
-    dense = select_dense_layers([s["mean"] for s in stats], keep_dense=keep_dense, threshold=threshold)
-    rule = {"type": "keep_dense", "n": keep_dense} if keep_dense is not None else {"type": "threshold",
-                                                                                      "value": threshold}
+    dense = select_dense_layers([s["mean"] for s in stats], keep_dense=keep_dense, threshold=threshold, ties=ties)
     return {"format": ARANK_FORMAT, "num_layers": len(stats), "num_samples": len(stats[0]["per_sample"]),
-            "layers": stats, "rule": rule, "dense_layers": list(dense),
+            "layers": stats, "rule": selection_rule(keep_dense, threshold, ties), "dense_layers": list(dense),
             "mod_layers": [s["layer"] for s in stats if s["layer"] not in dense]}
 
 
@@ -125,7 +145,8 @@ def parse_official_log(text: str, source: str = "log"):
     return [sum(v) / len(v) for _, v in sorted(values.items())]
 
 
-def mod_layers_from_arank_json(path: str, *, num_layers: int, keep_dense=None, threshold=None) -> tuple:
+def mod_layers_from_arank_json(path: str, *, num_layers: int, keep_dense=None, threshold=None,
+                               ties=DEFAULT_TIES) -> tuple:
     """The MoD layers (sorted) of an ARank JSON document (`arank_report`) for a model with
     `num_layers` decoder layers: its own selection, or with `keep_dense` / `threshold` a
     new one from its per-layer means. ValueError naming the file for anything that does
@@ -180,7 +201,7 @@ def mod_layers_from_arank_json(path: str, *, num_layers: int, keep_dense=None, t
     except (TypeError, ValueError):
         raise ValueError(f"{path}: a layer's 'mean' is not a number") from None
     try:
-        dense = select_dense_layers(means, keep_dense=keep_dense, threshold=threshold)
+        dense = select_dense_layers(means, keep_dense=keep_dense, threshold=threshold, ties=ties)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     return tuple(i for i in range(num_layers) if i not in dense)

@@ -24,7 +24,6 @@ any got SIGTERM, so they stop together.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import json
 import logging
@@ -40,12 +39,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from gamma_mod_jax.models.config import MLLMConfig
 from gamma_mod_jax.parallel import data_parallel
 from gamma_mod_jax.parallel.activations import activation_sharding
 from gamma_mod_jax.parallel.mesh import DEFAULT_MESH, describe, make_mesh
 from gamma_mod_jax.parallel.sharding import BatchPlacer, like_params, param_shardings, place, replicated
 from gamma_mod_jax.train.metrics import MetricsWriter
+from gamma_mod_jax.train.model_init import (check_training_config, model_for_training, write_final_model,  # noqa: F401
+                                            write_model_config)
 from gamma_mod_jax.train.optim import count_trainable, make_optimizer
 from gamma_mod_jax.train.step import BATCH_KEYS, TrainState, all_finite, init_train_state, train_step
 
@@ -58,50 +58,6 @@ class TrainingError(RuntimeError):
 class CheckpointWriteError(OSError):
     """A checkpoint (or the run directory) cannot be written: read-only, full disk, not a
     directory. The message names the path; the previous checkpoint is left intact."""
-
-
-def model_for_training(config, log=print):
-    """The model a run starts from: `config.model` (random weights from `config.seed`) or
-    `config.init_checkpoint` (our checkpoint directory; `config.model` may be left None to
-    take its config). The checkpoint may lack parts that `config.model` adds, which are
-    then freshly initialised: the γ-MoD router (a dense checkpoint adapted to γ-MoD, every
-    other weight copied) and LLaVA-HR's MR-Adapters (a stage-1 model entering stage 2)."""
-    from gamma_mod_jax import api
-    from gamma_mod_jax.convert.checkpoint import load_checkpoint, read_model_config
-    from gamma_mod_jax.convert.keymap import param_paths
-
-    cfg = api.model_config(config.model) if config.get("model") is not None else None
-    checkpoint = config.get("init_checkpoint")
-    if not checkpoint:
-        if cfg is None:
-            raise ValueError("the config needs `model` or `init_checkpoint`")
-        log(f"model: random initialisation (seed {config.seed})")
-        return api.build_model(cfg, seed=config.seed)
-    saved = read_model_config(checkpoint)
-    if cfg is None:
-        return load_checkpoint(checkpoint, config=saved)
-    add_router = cfg.mod is not None and saved.mod is None
-    add_adapters = bool(cfg.adapter_after_layers) and not saved.adapter_after_layers
-    # dtypes and scan_layers (the parameters' layout in memory, not their values) may differ.
-    comparable = dataclasses.replace(saved, dtype=cfg.dtype, param_dtype=cfg.param_dtype, scan_layers=cfg.scan_layers,
-                                     mod=cfg.mod if add_router else saved.mod,
-                                     adapter_after_layers=cfg.adapter_after_layers if add_adapters
-                                     else saved.adapter_after_layers)
-    if comparable != cfg:
-        diff = [f.name for f in dataclasses.fields(MLLMConfig) if getattr(comparable, f.name) != getattr(cfg, f.name)]
-        raise ValueError(f"{checkpoint}: its model config differs from config.model in {diff}")
-    if not (add_router or add_adapters):
-        log(f"model: {checkpoint}")
-        return load_checkpoint(checkpoint, config=cfg)
-    source = load_checkpoint(checkpoint, config=dataclasses.replace(saved, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                                                                    scan_layers=cfg.scan_layers))
-    model = api.build_model(cfg, seed=config.seed)
-    target = dict(param_paths(model))
-    for path, var in param_paths(source):
-        target[path].set_value(var.get_value())
-    added = [name for name, on in (("γ-MoD router", add_router), ("MR-Adapters", add_adapters)) if on]
-    log(f"model: {checkpoint}, with {' and '.join(added)} freshly initialised (seed {config.seed})")
-    return model
 
 
 def _checkpoint_manager(directory: str, train_cfg) -> ocp.CheckpointManager:
@@ -523,7 +479,8 @@ def _trim_metrics(workdir: str, last_step: int) -> None:
     os.replace(tmp, path)
 
 
-def train(config, workdir: str, *, make_data_iterator: Optional[Callable] = None, log=print) -> dict:
+def train(config, workdir: str, *, make_data_iterator: Optional[Callable] = None, log=print,
+          explicit_model_fields=None) -> dict:
     """Runs (or resumes) training in `workdir`; returns a summary dict.
 
     make_data_iterator(config, model_config) -> iterator of numpy batches (a Grain
@@ -532,14 +489,21 @@ def train(config, workdir: str, *, make_data_iterator: Optional[Callable] = None
     Non-finite steps are skipped on device (train.step); their count in a row is read at
     log and checkpoint steps only (no host sync per step): once it reached
     `train.max_nonfinite_in_a_row`, the run stops with TrainingError naming the step where
-    it did, and no checkpoint after that step is written (the last good one is kept)."""
+    it did, and no checkpoint after that step is written (the last good one is kept).
+
+    The run's model config is written to `<workdir>/model_config.json` at the start, and
+    a finished run writes the trained model to `<workdir>/model` (write_final_model).
+    `explicit_model_fields`: see model_for_training."""
+    check_training_config(config)
     checkpoint_dir = os.path.join(workdir, "checkpoints")
     check_writable(workdir)  # before any model is built: read-only, full, a file in the way
     check_writable(checkpoint_dir)
     train_cfg, optim_cfg = config.train, config.optim
     lead = jax.process_index() == 0
     info = log if lead else (lambda *_: None)
-    model = model_for_training(config, log=info)
+    model = model_for_training(config, log=info, explicit=explicit_model_fields)
+    if lead:
+        write_model_config(workdir, model.config)
     model.llm.remat = train_cfg.remat
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     num_updates = int(train_cfg.num_steps)
@@ -649,8 +613,18 @@ def train(config, workdir: str, *, make_data_iterator: Optional[Callable] = None
             signal.signal(signal.SIGTERM, previous)
     info(f"{status} at step {step}; checkpoints in {checkpoint_dir}")
     state = runner.to_checkpoint(state)
-    return {"status": status, "step": step, "nonfinite_total": int(_host_value(state.nonfinite_total)),
-            "state": state, "graphdef": graphdef, "rest": rest}
+    summary = {"status": status, "step": step, "nonfinite_total": int(_host_value(state.nonfinite_total)),
+               "state": state, "graphdef": graphdef, "rest": rest}
+    if status == "finished" and step == num_updates:
+        try:
+            model_dir = write_final_model(workdir, graphdef, state.params, rest, log=info)
+            if model_dir:
+                summary["model"] = model_dir
+        except OSError as e:
+            raise CheckpointWriteError(f"{workdir}/model: cannot write the trained model ({e.strerror or e}); the "
+                                       f"last checkpoint holds it ({checkpoints.last_good()}): `python -m "
+                                       f"launch.convert --src {workdir} --dst DIR` writes it") from None
+    return summary
 
 
 class _Window:

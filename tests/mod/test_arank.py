@@ -106,7 +106,8 @@ from gamma_mod_jax.mod.arank import ARankAccumulator, arank_report, parse_offici
 
 def test_selection_keeps_the_n_highest_layers_dense():
     ranks = [9.0, 8.0, 7.5, 3.0, 2.0, 7.5, 1.0, 10.0]
-    assert select_dense_layers(ranks, keep_dense=4) == (0, 1, 2, 5, 7)  # ties at the 4th value stay dense
+    assert select_dense_layers(ranks, keep_dense=4) == (0, 1, 2, 7)  # of the tied 7.5s, layer 5 goes γ-MoD
+    assert select_dense_layers(ranks, keep_dense=4, ties="stay_dense") == (0, 1, 2, 5, 7)  # ties at the cut dense
     assert select_dense_layers(ranks, keep_dense=1) == (7,)
     assert select_dense_layers(ranks, threshold=7.6) == (0, 1, 7)
     with pytest.raises(ValueError, match="between 1 and the number of layers"):

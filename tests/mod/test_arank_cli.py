@@ -174,7 +174,7 @@ def test_arank_cli_writes_the_report_and_the_plot(dense_ckpt, tmp_path, capsys):
     assert "ARank: 3/3 samples" in stdout
     report = json.loads(out.read_text())
     assert report["format"] == ARANK_FORMAT and report["num_layers"] == NUM_LAYERS and report["num_samples"] == 3
-    assert report["rule"] == {"type": "keep_dense", "n": 2}
+    assert report["rule"] == {"type": "keep_dense", "n": 2, "ties": "later_mod"}
     means = [s["mean"] for s in report["layers"]]
     assert len(report["dense_layers"]) >= 2
     assert min(means[i] for i in report["dense_layers"]) >= max([means[i] for i in report["mod_layers"]], default=0)

@@ -210,5 +210,5 @@ def test_dense_checkpoint_is_adapted_to_the_gamma_mod_config(tmp_path):
         if path[:2] != ("llm", "router"):
             np.testing.assert_array_equal(np.asarray(var.get_value()), np.asarray(theirs[path].get_value()))
     config.model.llm["hidden_size"] = 32
-    with pytest.raises(ValueError, match="differs from config.model in \\['llm'\\]"):
+    with pytest.raises(ValueError, match=r"cannot be made .*: llm\.hidden_size \(checkpoint 64, config 32\)"):
         model_for_training(config, log=lambda *_: None)
