@@ -87,6 +87,7 @@ def data_config(**overrides):
 
     d = data_config_defaults()
     d.num_epochs = 1
+    d.uint8_pixels = True  # pixels travel as uint8, normalised on the device (the same values)
     d.update(overrides)
     return d
 
@@ -110,7 +111,10 @@ def base_config(model_file, model_arg, *, stage, global_batch, micro_batch, reco
         freeze=STAGE1_TRAINABLE if stage == 1 else ALL_TRAINABLE))
     config.train = ml_collections.ConfigDict(dict(
         num_steps=max(records // global_batch, 1), log_every=10, checkpoint_every=500, keep_checkpoints=3,
-        async_checkpoints=True, max_nonfinite_in_a_row=20, remat="full", tensorboard=True, progress_bar=True))
+        async_checkpoints=True, max_nonfinite_in_a_row=20, remat="full", tensorboard=True, progress_bar=True,
+        # mfu's denominator; None: the device's from train/metrics.py PEAK_BF16_FLOPS (none on CPU)
+        peak_flops_per_device=ml_collections.config_dict.placeholder(float),
+        guard_host_transfers=True))  # a device-to-host read inside an update is an error
     config.parallelism = "pjit"        # pjit | pmap
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     config.sharding_rules = DEFAULT_RULES  # (logical name, mesh axes or None) pairs
