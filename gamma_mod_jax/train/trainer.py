@@ -430,8 +430,10 @@ class _PjitRunner:
             f"{per_device / 2**20:.1f} MiB per device")
 
     def put(self, batch):
-        """A host batch -> global arrays on the mesh (transfers start; nothing waits)."""
-        return self.place_batch(_host_batch(batch))
+        """A host batch -> global arrays on the mesh (transfers start; nothing waits). Allowed
+        to read back: BatchPlacer's fallback all-gathers rows between processes (logged)."""
+        with _host_reads():
+            return self.place_batch(_host_batch(batch))
 
     def step(self, state, batch):
         return self.run(state, self.put(batch))
