@@ -743,7 +743,8 @@ def _host_reads():
 
 def _update_guard(train_cfg):
     """The context of an update's micro-batches: device-to-host transfers are errors there
-    unless `train.guard_host_transfers` is False (a read would stall dispatch every step)."""
+    unless `train.guard_host_transfers` is False (a read would stall dispatch every step).
+    jax guards accelerator arrays only: CPU arrays are host memory, read without a transfer."""
     if train_cfg.get("guard_host_transfers", True):
         return lambda: jax.transfer_guard_device_to_host("disallow")
     return contextlib.nullcontext

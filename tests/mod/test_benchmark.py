@@ -57,6 +57,7 @@ def test_benchmark_of_a_checkpoint_uses_its_weights_and_threshold(tmp_path, caps
     assert "not a γ-MoD model" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # the cpu config at 1400 tokens: about a minute on a quiet 2-core machine
 def test_gpu_run_script_runs_on_the_cpu_config(tmp_path):
     """launch/gpu_benchmark.sh with the cpu config (5 layers: one MoD layer; one timed run,
     no decoding): prefill and training step, samples/s and memory; no MFU on CPU, said once."""
