@@ -2,8 +2,12 @@
 
 The LLaVA-HR token layout of the paper's FLOPs setting: 1024 image + 35 system tokens +
 341 text tokens = 1400. Arguments: `cpu` (default: a width a 2-core CPU runs in
-minutes), `7b` (Vicuna-7B shapes, for a GPU), `tiny` (seconds, for tests), plus
-`ratio=0.5`, `batch=N`, `dtype=bf16`, `layers=N`, comma-separated.
+minutes), `7b` (Vicuna-7B shapes, for a GPU), `gpu_7b` (launch/gpu_benchmark.sh: the 7B
+shapes on one GPU, bf16 compute and parameters, cuDNN attention, no decoding), `tiny`
+(seconds, for tests), plus `ratio=0.5`, `batch=N`, `dtype=bf16`, `param_dtype=bf16`,
+`layers=N`, `repeats=N`, `warmup=N`, `decode=0` (prefill and training step only),
+`attention=xla|cudnn`, `peak_flops=F` (MFU's peak FLOP/s per device where the table in
+gamma_mod_jax/train/metrics.py lacks the device), comma-separated.
 """
 
 import ml_collections
@@ -14,8 +18,11 @@ from gamma_mod_jax.models import presets
 
 def get_config(arg=None):
     opts = parse_arg(arg)
-    size = "7b" if opts.get("7b") else "cpu"
+    size = "7b" if opts.get("7b") or opts.get("gpu_7b") else "cpu"
     c = ml_collections.ConfigDict()
+    c.param_dtype = "float32"
+    c.attention = None                 # jax.nn.dot_product_attention's implementation: None (XLA) or "cudnn"
+    c.peak_flops_per_device = None     # None: from the device kind (train/metrics.py PEAK_BF16_FLOPS)
     if size == "7b":
         c.llm = dict(presets.VICUNA_7B)
         c.batch_size = 1
@@ -36,10 +43,22 @@ def get_config(arg=None):
     c.image_tokens, c.system_tokens, c.text_tokens = (32, 4, 12) if opts.get("tiny") else (1024, 35, 341)
     # The released configs: layers 0, 1, 2 and the last stay dense.
     c.mod = dict(layers=tuple(range(3, n_layers - 1)), routing_ratio=float(opts.get("ratio", 0.5)))
+    if opts.get("gpu_7b"):
+        # bf16 parameters and AdamW moments: 7B x 2 bytes x 4 (weights, gradients, 2 moments)
+        # = 54 GiB plus activations, on one 80 GB GPU
+        c.param_dtype, c.attention = "bfloat16", "cudnn"
     c.batch_size = int(opts.get("batch", c.batch_size))
     c.dtype = opts.get("dtype", c.dtype)
+    c.param_dtype = opts.get("param_dtype", c.param_dtype)
+    c.attention = opts.get("attention", c.attention)
+    c.repeats = int(opts.get("repeats", c.repeats))
+    c.warmup = int(opts.get("warmup", c.warmup))
+    if "peak_flops" in opts:
+        c.peak_flops_per_device = float(opts["peak_flops"])
     c.learning_rate = 1e-5
     # Decoding after the prompt: new tokens per example, batch sizes timed.
     c.decode_new_tokens = 8 if opts.get("tiny") else 64
     c.decode_batch_sizes = (2,) if opts.get("tiny") else (1, 8)
+    if opts.get("gpu_7b") or opts.get("decode") == "0":
+        c.decode_batch_sizes = ()
     return c

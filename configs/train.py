@@ -3,9 +3,14 @@
 Recipes (hyperparameters from the papers / official scripts, see ../shared/reference):
   llava_hr_7b_stage1     LLaVA-HR-7B alignment: projector + fusion trained, LCS-558K,
                          lr 1e-3, global batch 256, 1 epoch, warmup 3%, cosine, wd 0
-  llava_hr_7b_mod0.34    γ-MoD stage 2 on LLaVA-HR-7B, routing ratio 0.34 (the released model)
-  llava_hr_7b_mod0.5     ... routing ratio 0.5
-  llava_hr_13b_mod0.34, llava_hr_x_13b_mod0.34, llava15_7b_mod0.3
+  llava_hr_7b_mod0.34    γ-MoD stage 2 on LLaVA-HR-7B, the paper's "0.3" / released "0.34" model
+  llava_hr_7b_mod0.5     ... the paper's "0.5" model
+  llava_hr_13b_mod0.34, llava_hr_13b_mod0.5, llava_hr_x_13b_mod0.34, llava_hr_x_13b_mod0.5,
+  llava15_7b_mod0.3, llava15_7b_mod0.5
+The ratio in a recipe's name is the paper's name, not `model.mod.routing_ratio`: each recipe
+skips, per MoD layer, the paper's measured skip ratio (PAPER_SKIP) of the paper's mean
+sequence length (MEAN_LENGTH), converted to the share of the routable image + system tokens
+that routing_ratio counts (gamma_mod_jax/mod/config.py, routing_ratio_for_skip).
 Stage 2 (γ-MoD): mix665k with `<image>` moved to the front, lr 2e-5 for every parameter
 (vision tower not frozen, no separate router lr), wd 0, warmup 3%, cosine, 1 epoch, global
 batch 128, bf16 compute, rematerialisation, max length 2496, routing-loss coefficient 0.01.
@@ -42,8 +47,38 @@ MODELS = {
     "llava_hr_x_13b": ("configs/llava_hr_x_13b.py", "llava_hr"),
     "llava15_7b": ("configs/llava15_7b.py", "llava"),
 }
+# The paper's measured skip ratio of each recipe (arXiv v1 Table 2 / paper_numbers.md), a
+# share of the whole sequence at MEAN_LENGTH. The paper reports none for LLaVA-HR-X-13B:
+# its recipes take the 13B figures (the same Vicuna-13B LLM and 1024 image tokens).
+PAPER_SKIP = {
+    ("llava_hr_7b", "0.34"): 0.379, ("llava_hr_7b", "0.5"): 0.577,
+    ("llava_hr_13b", "0.34"): 0.349, ("llava_hr_13b", "0.5"): 0.551,
+    ("llava_hr_x_13b", "0.34"): 0.349, ("llava_hr_x_13b", "0.5"): 0.551,
+    ("llava15_7b", "0.3"): 0.310, ("llava15_7b", "0.5"): 0.564,
+}
+# The paper's mean sequence length per family: 1400 tokens for LLaVA-HR (1024 image tokens;
+# the paper's TFLOPs column is reproduced at it), 800 for LLaVA-1.5 (576 image tokens; the
+# length at which the official FLOPs formula gives the paper's 10.7 / 7.7 / 5.3 TFLOPs).
+MEAN_LENGTH = {"llava_hr": 1400, "llava": 800}
 STAGE1_TRAINABLE = [("projector/.*", True), ("vision/fusion/.*", True), (".*", False)]
 ALL_TRAINABLE = [(".*", True)]
+
+
+def paper_routing_ratio(model: str, ratio_name: str) -> float:
+    """model.mod.routing_ratio of recipe `<model>_mod<ratio_name>`: the paper's measured skip
+    at the family's mean length, as a share of the full-size model's routable tokens."""
+    from gamma_mod_jax.api import model_config
+    from gamma_mod_jax.mod.config import routing_ratio_for_skip
+
+    if (model, ratio_name) not in PAPER_SKIP:
+        known = sorted(f"{m}_mod{r}" for m, r in PAPER_SKIP)
+        raise ValueError(f"unknown γ-MoD recipe {model}_mod{ratio_name}; known: {known}")
+    model_file, family = MODELS[model]
+    from gamma_mod_jax.config_file import load_config
+
+    cfg = model_config(load_config(f"{model_file}:mod").model)
+    routable = cfg.mod.routable_count(cfg.num_image_tokens)
+    return routing_ratio_for_skip(PAPER_SKIP[model, ratio_name], MEAN_LENGTH[family], routable)
 
 
 def data_config(**overrides):
@@ -52,6 +87,7 @@ def data_config(**overrides):
 
     d = data_config_defaults()
     d.num_epochs = 1
+    d.uint8_pixels = True  # pixels travel as uint8, normalised on the device (the same values)
     d.update(overrides)
     return d
 
@@ -75,7 +111,10 @@ def base_config(model_file, model_arg, *, stage, global_batch, micro_batch, reco
         freeze=STAGE1_TRAINABLE if stage == 1 else ALL_TRAINABLE))
     config.train = ml_collections.ConfigDict(dict(
         num_steps=max(records // global_batch, 1), log_every=10, checkpoint_every=500, keep_checkpoints=3,
-        async_checkpoints=True, max_nonfinite_in_a_row=20, remat="full", tensorboard=True, progress_bar=True))
+        async_checkpoints=True, max_nonfinite_in_a_row=20, remat="full", tensorboard=True, progress_bar=True,
+        # mfu's denominator; None: the device's from train/metrics.py PEAK_BF16_FLOPS (none on CPU)
+        peak_flops_per_device=ml_collections.config_dict.placeholder(float),
+        guard_host_transfers=True))  # a device-to-host read inside an update is an error
     config.parallelism = "pjit"        # pjit | pmap
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     config.sharding_rules = DEFAULT_RULES  # (logical name, mesh axes or None) pairs
@@ -98,8 +137,9 @@ def get_config(arg=None):
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r} in recipe {recipe!r}; known: {sorted(MODELS)}")
     model_file, family = MODELS[model]
+    routing_ratio = paper_routing_ratio(model, ratio) if stage == 2 else None
     model_arg = ",".join(filter(None, ["tiny" if tiny else "", "stage1" if stage == 1 and family == "llava_hr" else "",
-                                       f"mod={ratio}" if stage == 2 else "",
+                                       "mod" if stage == 2 else "",
                                        "" if tiny else "dtype=bf16"]))
     if stage == 1:
         config = base_config(model_file, model_arg, stage=1, global_batch=256, micro_batch=16,
@@ -109,6 +149,7 @@ def get_config(arg=None):
     else:
         config = base_config(model_file, model_arg, stage=2, global_batch=128, micro_batch=4,
                              records=MIX665K_RECORDS, lr=2e-5, max_len=2496)
+        config.model.mod["routing_ratio"] = routing_ratio
     if tiny:
         config.data.batch_size = 2
         config.data.buckets = (48, 96)

@@ -184,12 +184,73 @@ def _write_config(directory: str, cfg: MLLMConfig) -> None:
 
 def save_checkpoint(dst: str, model, *, replace: bool = False) -> None:
     """Writes `model` (parameters + config) to a new directory `dst`, atomically
-    (`replace`: an existing `dst` is replaced once the new one is complete)."""
+    (`replace`: an existing `dst` is replaced once the new one is complete; one process
+    only). The parameters go to Orbax as they are (jax arrays, sharded or not): each
+    process writes the shards it holds, nothing is gathered to one host. With several
+    processes every process calls it with the same `dst` (a file system they share);
+    process 0 writes the config and the manifest once all have written their shards,
+    then renames."""
+    params = _nest((path, var.get_value()) for path, var in param_paths(model))
+    if jax.process_count() > 1:
+        if replace:
+            raise ValueError("save_checkpoint: replace=True is for one process")
+        _save_multiprocess(dst, params, model.config)
+        return
     with atomic_directory(dst, replace=replace) as tmp:
-        params = _nest((path, np.asarray(var.get_value())) for path, var in param_paths(model))
         ocp.save(os.path.join(tmp, PARAMS_DIR), params)
         _write_config(tmp, model.config)
         write_manifest(tmp)
+
+
+def _broadcast_text(text: str) -> str:
+    """Process 0's `text` on every process (a collective: every process calls it)."""
+    from jax.experimental import multihost_utils
+
+    data = np.zeros(1024, np.uint8)
+    raw = text.encode()[:1024]
+    data[:len(raw)] = np.frombuffer(raw, np.uint8)
+    got = np.asarray(multihost_utils.broadcast_one_to_all(data))
+    return bytes(got[got != 0].astype(np.uint8)).decode()
+
+
+def _save_multiprocess(dst: str, params: dict, cfg: MLLMConfig) -> None:
+    """save_checkpoint with several processes: process 0 picks and creates the temporary
+    directory and tells the others (or the error, which every process then raises); all
+    write their shards into it through Orbax; process 0 finishes and renames it; the last
+    broadcast is the barrier none returns before (and carries process 0's outcome)."""
+    dst = os.path.abspath(dst)
+    lead = jax.process_index() == 0
+    answer = ""
+    if lead:
+        try:
+            if os.path.exists(dst):
+                raise CheckpointError(f"{dst}: already exists; refusing to overwrite it")
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            remove_stale_partials(dst)
+            answer = "ok:" + tempfile.mkdtemp(prefix=f"{_partial_prefix(dst)}{_host()}-{os.getpid()}-",
+                                              dir=os.path.dirname(dst))
+        except (OSError, CheckpointError) as e:
+            answer = f"error:{e}"
+    answer = _broadcast_text(answer)
+    if not answer.startswith("ok:"):
+        raise CheckpointError(answer[len("error:"):])
+    tmp = answer[len("ok:"):]
+    try:
+        ocp.save(os.path.join(tmp, PARAMS_DIR), params)  # collective; returns once every shard is written
+        outcome = "ok:"
+        if lead:
+            try:
+                _write_config(tmp, cfg)
+                write_manifest(tmp)
+                os.rename(tmp, dst)
+            except OSError as e:
+                outcome = f"error:{dst}: {e}"
+        outcome = _broadcast_text(outcome)
+        if outcome != "ok:":
+            raise CheckpointError(outcome[len("error:"):])
+    finally:
+        if lead and os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _read_config_file(path: str) -> MLLMConfig:
@@ -359,7 +420,7 @@ def abstract_model_for(cfg: MLLMConfig):
 
 def abstract_params(model, sharding_for: Optional[Callable] = None) -> Dict[Path, jax.ShapeDtypeStruct]:
     """{path: ShapeDtypeStruct} of `model`'s parameters, placed by `sharding_for` (default: the first device)."""
-    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # this process's
     out = {}
     for path, var in param_paths(model):
         leaf = var.get_value()
@@ -370,8 +431,8 @@ def abstract_params(model, sharding_for: Optional[Callable] = None) -> Dict[Path
 
 def read_params(src, abstract_leaves: Dict[Path, jax.ShapeDtypeStruct]) -> Dict[Path, object]:
     """The parameters named in `abstract_leaves` (a subset is fine) from the model of `src`
-    (those without a sharding onto the first device)."""
-    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    (those without a sharding onto this process's first device)."""
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     placed = {p: leaf if getattr(leaf, "sharding", None) is not None else
               jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=default) for p, leaf in abstract_leaves.items()}
     return _load_params(resolve_model(src), placed, partial=True)

@@ -6,7 +6,9 @@ filled with the CLIP mean colour as integers (`expand2square` with
 then runs CLIPImageProcessor: PIL bicubic resize of the shortest edge to the input size,
 centre crop, scale 1/255, normalise with the CLIP mean / std. `preprocess_image` does the
 same and returns NHWC without the batch axis (our models' layout); the test compares it
-with transformers' PIL-backend CLIP processor.
+with transformers' PIL-backend CLIP processor. Training batches may carry the resized uint8
+pixels instead (`resize_and_crop`, data.uint8_pixels), normalised on the device by
+`normalise_on_device` to the same values.
 """
 
 from __future__ import annotations
@@ -52,11 +54,11 @@ def _as_rgb(image: ImageLike) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def preprocess_image(image: ImageLike, size: int, *, mean: Sequence[float] = CLIP_MEAN,
-                     std: Sequence[float] = CLIP_STD, pad_to_square: bool = True) -> np.ndarray:
-    """float32 [size, size, 3]: RGB, padded to a centred square with the integer mean colour
+def resize_and_crop(image: ImageLike, size: int, *, mean: Sequence[float] = CLIP_MEAN,
+                    pad_to_square: bool = True) -> np.ndarray:
+    """uint8 [size, size, 3]: RGB, padded to a centred square with the integer mean colour
     (pad_to_square), shortest edge resized to `size` (PIL bicubic; the long edge to
-    int(size * long / short)), centre crop, x / 255, (x - mean) / std."""
+    int(size * long / short)), centre crop. `normalise` of it is `preprocess_image`."""
     size = int(size)
     if size < 1:
         raise ValueError(f"size must be positive, got {size}")
@@ -70,9 +72,37 @@ def preprocess_image(image: ImageLike, size: int, *, mean: Sequence[float] = CLI
         new_w, new_h = int(size * width / height), size
     image = image.resize((new_w, new_h), resample=Image.BICUBIC)
     top, left = (new_h - size) // 2, (new_w - size) // 2
-    pixels = np.asarray(image)[top:top + size, left:left + size]
-    x = (pixels.astype(np.float64) * (1.0 / 255.0)).astype(np.float32)
+    return np.ascontiguousarray(np.asarray(image)[top:top + size, left:left + size])
+
+
+def normalise(pixels: np.ndarray, *, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD) -> np.ndarray:
+    """uint8 RGB [..., 3] -> float32: x / 255, (x - mean) / std (CLIPImageProcessor's rescale
+    and normalise)."""
+    x = (np.asarray(pixels).astype(np.float64) * (1.0 / 255.0)).astype(np.float32)
     return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+def preprocess_image(image: ImageLike, size: int, *, mean: Sequence[float] = CLIP_MEAN,
+                     std: Sequence[float] = CLIP_STD, pad_to_square: bool = True) -> np.ndarray:
+    """float32 [size, size, 3]: `resize_and_crop`, then `normalise`."""
+    return normalise(resize_and_crop(image, size, mean=mean, pad_to_square=pad_to_square), mean=mean, std=std)
+
+
+def normalisation_table(mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD) -> np.ndarray:
+    """float32 [256, 3]: `normalise` of every uint8 value in every channel, so that a
+    device-side lookup gives the host path's values bit for bit."""
+    return normalise(np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1), mean=mean, std=std)
+
+
+def normalise_on_device(pixels_bhwc, has_image_b, table: np.ndarray = None):
+    """uint8 [b, h, w, 3] (jax) -> float32 CLIP-normalised pixels, exactly `normalise`'s values
+    (a lookup in `normalisation_table`); rows whose `has_image_b` is False become zeros, as
+    the host path's text-only rows. Pixels then travel to the device as uint8 (4x fewer bytes)."""
+    import jax.numpy as jnp
+
+    table = jnp.asarray(normalisation_table() if table is None else table)
+    values = table[pixels_bhwc.astype(jnp.int32), jnp.arange(3)]
+    return jnp.where(has_image_b[:, None, None, None], values, jnp.zeros((), values.dtype))
 
 
 def load_image(path: str) -> Image.Image:

@@ -17,7 +17,8 @@ yielding numpy batches:
     attention_mask  int32 [B, T]  1 on real tokens
     labels          int32 [B, T]  -100 where unsupervised and on padding
     token_types     int32 [B, T]  gamma_mod_jax.token_types (padding = PADDING)
-    pixel_values    float32 [B, S, S, 3]  CLIP-normalised; zeros for text-only rows
+    pixel_values    float32 [B, S, S, 3]  CLIP-normalised; zeros for text-only rows (uint8
+                                  resized pixels with data.uint8_pixels, normalised on device)
     valid           int32 [B]     1 for real examples, 0 for padding rows (a record that
                                   failed to encode, or filler at the end of a finite run
                                   with drop_remainder=False; all -100 labels, no attention)
@@ -107,6 +108,9 @@ def data_config_defaults() -> ml_collections.ConfigDict:
     c.read_threads = 2                 # threads per process running the map step
     c.read_buffer_size = 16            # examples prefetched per process
     c.drop_remainder = True
+    # True: pixel_values travel as the resized uint8 image and the trainer normalises them on
+    # the device (the same values; 4x fewer bytes host -> device); False: CLIP-normalised float32
+    c.uint8_pixels = False
     c.max_consecutive_skips = 10_000   # this many bad records in a row: the data is broken, raise
     c.max_logged_ids = 1_000           # ids kept per skip reason (counts are always exact)
     return c
@@ -252,6 +256,7 @@ class ExampleEncoder:
     move_image_to_front: bool = False
     template: str = "vicuna_v1"
     image_token_index: int = IMAGE_TOKEN_INDEX
+    uint8_pixels: bool = False         # pixel_values: resized uint8 instead of normalised float32
 
     def __call__(self, record: Dict[str, Any]) -> Dict[str, Any]:
         rid = str(record.get("id", "?")) if isinstance(record, Mapping) else "?"
@@ -269,7 +274,7 @@ class ExampleEncoder:
 
     def _encode(self, record, rid):
         from gamma_mod_jax.data import conversation as conv
-        from gamma_mod_jax.data.image import preprocess_image
+        from gamma_mod_jax.data.image import preprocess_image, resize_and_crop
 
         if record.get("error"):
             reason, message = record["error"]
@@ -309,7 +314,8 @@ class ExampleEncoder:
         if has_image:
             image = _decode_image(record)
             try:
-                pixels = np.asarray(preprocess_image(image, self.image_size), np.float32)
+                pixels = (resize_and_crop(image, self.image_size) if self.uint8_pixels
+                          else np.asarray(preprocess_image(image, self.image_size), np.float32))
             except Exception as e:  # e.g. a zero-sized image
                 raise _Skip(src_lib.UNREADABLE_IMAGE, f"image {record['image']}: {type(e).__name__}: {e}") from None
         return {"input_ids": np.asarray(enc["input_ids"], np.int32),
@@ -331,11 +337,12 @@ def pick_bucket(length: int, buckets: Sequence[int]) -> int:
 
 def collate(examples: Sequence[Optional[Dict[str, Any]]], *, batch_size: int, image_size: int,
             buckets: Optional[Sequence[int]] = None, length: Optional[int] = None,
-            pad_token_id: int = 0) -> Dict[str, np.ndarray]:
+            pad_token_id: int = 0, pixel_dtype=np.float32) -> Dict[str, np.ndarray]:
     """Encoded examples -> one right-padded batch of `batch_size` rows at text length
     `length` (None: the smallest of `buckets` that fits the longest example). A None
     example, and every row after the last example, is a padding row: valid 0, no
-    attended token, all labels -100."""
+    attended token, all labels -100. Text-only and padding rows have zero pixels (of
+    `pixel_dtype`: float32 normalised, or uint8 for on-device normalisation)."""
     real = [e for e in examples if e is not None]
     t = length if length is not None else pick_bucket(max(len(e["input_ids"]) for e in real), buckets)
     b = batch_size
@@ -343,7 +350,7 @@ def collate(examples: Sequence[Optional[Dict[str, Any]]], *, batch_size: int, im
            "attention_mask": np.zeros((b, t), np.int32),
            "labels": np.full((b, t), IGNORE_INDEX, np.int32),
            "token_types": np.full((b, t), tt.PADDING, np.int32),
-           "pixel_values": np.zeros((b, image_size, image_size, 3), np.float32),
+           "pixel_values": np.zeros((b, image_size, image_size, 3), pixel_dtype),
            "valid": np.zeros((b,), np.int32)}
     for i, e in enumerate(examples):
         if e is None:
@@ -685,7 +692,8 @@ class _PlannedBatchEncoder:
                                    f"*.lengths-*.npz file)")
             examples.append(ex)
         batch = collate(examples, batch_size=self.rows_per_process, length=length, image_size=self.image_size,
-                        pad_token_id=self.pad_token_id)
+                        pad_token_id=self.pad_token_id,
+                        pixel_dtype=np.uint8 if self.encoder.uint8_pixels else np.float32)
         real = np.where(rows >= 0, plan.lengths[np.maximum(rows, 0)], 0)
         batch["_events"] = events
         batch["_ids"] = [e["_id"] for e in examples]
@@ -857,6 +865,10 @@ class PipelineIterator(grain.DatasetIterator):
     `last_ids` (record ids of the last batch's real rows). Its state holds the pipeline
     position and the bad-record log."""
 
+    # Every process's iterator serves the same global batch plan, so all of them run out
+    # at the same batch: the trainer needs no agreement between processes on who has data.
+    same_batches_on_every_process = True
+
     def __init__(self, parent, max_ids: int = 1000):
         super().__init__(parent)
         self.bad_records = BadRecordLog(max_ids)
@@ -966,7 +978,8 @@ def make_train_dataset(data_cfg, *, tokenizer=None, image_size: Optional[int] = 
     plan = make_batch_plan(cfg, tokenizer=tokenizer, seed=seed, process_count=int(process_count), source=source)
     encoder = ExampleEncoder(tokenizer=tokenizer, image_size=size, max_len=cfg.buckets[-1],
                              truncation=cfg.truncation, move_image_to_front=bool(cfg.move_image_to_front),
-                             template=cfg.template, image_token_index=int(cfg.image_token_index))
+                             template=cfg.template, image_token_index=int(cfg.image_token_index),
+                             uint8_pixels=bool(cfg.uint8_pixels))
     batches = _PlannedBatchEncoder(plan, source, encoder, process_index=int(process_index),
                                    process_count=int(process_count), image_size=size,
                                    pad_token_id=int(cfg.pad_token_id))

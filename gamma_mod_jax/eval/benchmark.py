@@ -3,11 +3,15 @@ threshold routing, a training step (forward + backward + AdamW update) and greed
 after the prompt, with the FLOPs-ideal speed-up beside each and the KV-cache bytes.
 
 Only the language model is timed: γ-MoD changes nothing before it, and the vision
-towers would add the same constant time to both sides.
+towers would add the same constant time to both sides. Each timed function also reports
+samples/s, its model FLOPs rate per device and MFU (against the device's peak bf16 FLOP/s,
+train/metrics.py, or config.peak_flops_per_device; none on CPU) and its compiled memory.
+config.attention "cudnn" runs attention through cuDNN's fused kernel (GPU, bf16).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import resource
 import statistics
@@ -25,6 +29,7 @@ from gamma_mod_jax.mod.config import MoDConfig
 from gamma_mod_jax.mod.flops import decoder_layer_flops
 from gamma_mod_jax.mod.routing import threshold_bucket_sizes, total_routing_loss
 from gamma_mod_jax.models.config import LlamaConfig, resolve_dtype
+from gamma_mod_jax.models.layers import attention_implementation
 from gamma_mod_jax.models.llama import Llama
 
 
@@ -87,18 +92,26 @@ def _memory(compiled) -> Dict[str, float]:
 def build_models(config):
     llm = LlamaConfig.from_dict(config.llm)
     dtype = resolve_dtype(config.dtype)
+    param_dtype = resolve_dtype(config.get("param_dtype", "float32"))
     mod = _mod_config(config)
-    gamma = Llama(llm, mod=mod, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
-    dense = Llama(llm, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    gamma = Llama(llm, mod=mod, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+    dense = Llama(llm, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
     # The same weights on both sides (the dense model simply has no router).
     nnx.update(dense, nnx.filter_state(nnx.state(gamma, nnx.Param), lambda path, _: path[0] != "router"))
     return dense, gamma
 
 
 def ideal_speedup(config, kept_per_mod_layer=None) -> float:
-    """FLOPs(dense) / FLOPs(γ-MoD) of what is timed: decoder layers (paper convention,
-    MoD layers at their kept length: the capacity, or the measured mean kept count per
-    MoD layer when given) plus the LM head."""
+    """FLOPs(dense) / FLOPs(γ-MoD) of what is timed (forward_flops)."""
+    dense, gamma = forward_flops(config, kept_per_mod_layer)
+    return dense / gamma
+
+
+def forward_flops(config, kept_per_mod_layer=None) -> tuple:
+    """(dense, γ-MoD) forward FLOPs of what is timed, per batch: decoder layers (paper
+    convention, MoD layers at their kept length: the capacity, or the measured mean kept
+    count per MoD layer when given) plus the LM head. A training step counts 3 times its
+    forward (the backward is twice the forward; no remat here)."""
     llm = config.llm
     s = config.image_tokens + config.system_tokens + config.text_tokens
     mod = _mod_config(config)
@@ -109,7 +122,21 @@ def ideal_speedup(config, kept_per_mod_layer=None) -> float:
     n_layers = llm["num_hidden_layers"]
     dense = n_layers * layer(s) + head
     gamma = (n_layers - len(mod.layers)) * layer(s) + sum(layer(k) for k in kept_per_mod_layer) + head
-    return dense / gamma
+    b = config.batch_size
+    return dense * b, gamma * b
+
+
+def _peak(config):
+    from gamma_mod_jax.train.metrics import peak_bf16_flops
+
+    return config.get("peak_flops_per_device") or peak_bf16_flops(jax.devices()[0].device_kind)
+
+
+def _throughput(timing: dict, batch: int, flops: float, peak) -> dict:
+    """samples/s, model TFLOP/s (one device) and MFU (None without a known peak) of a timing."""
+    rate = flops / timing["median_s"]
+    return {"samples_per_s": batch / timing["median_s"], "model_tflops_per_device": rate / 1e12,
+            "mfu": rate / peak if peak else None}
 
 
 def _mod_config(config, **changes) -> MoDConfig:
@@ -231,6 +258,12 @@ def run_benchmark(config, log=print, checkpoint_model=None) -> dict:
     models = {"dense": (dense, "capacity"), "gamma_mod": (gamma, "capacity"),
               "gamma_mod_threshold": (gamma_threshold, "threshold")}
     kept = None
+    peak = _peak(config)
+    if peak is None:
+        log(f"mfu: not reported: no peak bf16 FLOPs known for device kind {jax.devices()[0].device_kind!r} "
+            f"(set peak_flops_per_device, `peak_flops=` in configs/benchmark.py)")
+    attention = config.get("attention")
+    results["attention"] = attention or "xla"
     for phase in ("prefill", "train_step"):
         fns, args, compiled_info = {}, {}, {}
         for name, (model, routing) in models.items():
@@ -253,21 +286,31 @@ def run_benchmark(config, log=print, checkpoint_model=None) -> dict:
 
                 fn = jax.jit(step)
                 args[name] = (params, tx.init(params), inputs)
-            fns[name], compile_s = _compile(fn, args[name])
+            with attention_implementation(attention) if attention else contextlib.nullcontext():
+                fns[name], compile_s = _compile(fn, args[name])
             compiled_info[name] = {"compile_s": compile_s, **_memory(fns[name])}
         timings = _time_interleaved(fns, args, config.repeats, config.warmup)
         results["compile_s"][phase] = {name: info["compile_s"] for name, info in compiled_info.items()}
+        dense_flops, gamma_flops = forward_flops(config)
+        if "gamma_mod_threshold" in timings:
+            _, _, aux = jax.jit(_forward_fn(gamma_threshold, "threshold"))(nnx.state(gamma_threshold), inputs)
+            kept = np.asarray(aux["selected"]).sum(-1).mean(-1)  # mean kept count per MoD layer
+        flops = {"dense": dense_flops, "gamma_mod": gamma_flops,
+                 "gamma_mod_threshold": forward_flops(config, kept)[1] if kept is not None else None}
         for name, timing in timings.items():
             timing.update(compiled_info[name])
+            timing.update(_throughput(timing, config.batch_size, flops[name] * (3 if phase == "train_step" else 1),
+                                      peak))
+            mfu = "" if timing["mfu"] is None else f", MFU {timing['mfu']:.3f}"
+            memory = f", {timing['temp_mib']:.0f} MiB temp" if "temp_mib" in timing else ""
             log(f"{phase:>10} {name:>19}: {timing['median_s'] * 1e3:9.1f} ms (median of {config.repeats}, "
-                f"interleaved; compiled in {timing['compile_s']:.1f} s)")
+                f"interleaved; compiled in {timing['compile_s']:.1f} s), {timing['samples_per_s']:.2f} samples/s, "
+                f"{timing['model_tflops_per_device']:.2f} TFLOP/s{mfu}{memory}")
         speedup = timings["dense"]["median_s"] / timings["gamma_mod"]["median_s"]
         results[phase] = {"dense": timings["dense"], "gamma_mod": timings["gamma_mod"], "speedup": speedup,
                           "ideal_speedup": ideal, "speedup_over_ideal": speedup / ideal}
         log(f"{phase:>10} speed-up {speedup:.3f} (FLOPs-ideal {ideal:.3f}, ratio {speedup / ideal:.3f})")
         if phase == "prefill":
-            _, _, aux = jax.jit(_forward_fn(gamma_threshold, "threshold"))(nnx.state(gamma_threshold), inputs)
-            kept = np.asarray(aux["selected"]).sum(-1).mean(-1)  # mean kept count per MoD layer
             t_ideal = ideal_speedup(config, kept)
             t_speedup = timings["dense"]["median_s"] / timings["gamma_mod_threshold"]["median_s"]
             results["prefill_threshold"] = {
@@ -304,8 +347,9 @@ def run_benchmark(config, log=print, checkpoint_model=None) -> dict:
         results["decode"][f"batch_{batch}"] = row
         log(f"    decode batch {batch}: " + ", ".join(f"{k[:-len('_tokens_per_s')]} {v:.1f} tokens/s"
                                                   for k, v in row.items()))
-    if jax.default_backend() == "gpu":
-        stats = jax.devices()[0].memory_stats() or {}
-        results["peak_device_mib"] = stats.get("peak_bytes_in_use", 0) / 2**20
+    stats = jax.devices()[0].memory_stats() or {}  # GPU / TPU; none on CPU
+    if "peak_bytes_in_use" in stats:
+        results["peak_device_mib"] = stats["peak_bytes_in_use"] / 2**20
+        log(f"  peak device memory {results['peak_device_mib']:.0f} MiB")
     results["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return results

@@ -32,6 +32,8 @@ class MoDConfig:
     i.e. 529 skipped tokens, which at the paper's mean length of 1400 tokens is 37.8% of
     the whole sequence: that is the paper's "0.3" / released "0.34" model (skip 37.9%).
     The paper's "0.5" model skips 57.7% of 1400 tokens, a routing_ratio of about 0.76.
+    `routing_ratio_for_skip` converts a share of the whole sequence at a given length (the
+    paper's measured skip ratios) into this share; configs/train.py's recipes use it.
     """
     layers: Tuple[int, ...] = ()                 # 0-based indices of MoD layers
     routing_ratio: float = 0.5
@@ -109,3 +111,18 @@ class MoDConfig:
             if key in d:
                 d[key] = tuple(d[key])
         return cls(**d)
+
+
+def routing_ratio_for_skip(skip_share: float, seq_len: int, routable: int) -> float:
+    """The routing_ratio (share of the `routable` tokens) that skips round(skip_share x
+    seq_len) tokens per MoD layer: the paper states its ratios as measured shares of the
+    whole sequence (37.9% of 1400 tokens), the official code's constant counts the
+    routable prefix. The ratio is put half a token above the count so that
+    `int(routing_ratio * routable)` gives it exactly despite float rounding."""
+    if not 0.0 <= skip_share < 1.0:
+        raise ValueError(f"skip share must be in [0, 1), got {skip_share}")
+    skipped = round(skip_share * seq_len)
+    if not 0 <= skipped < routable or seq_len <= routable:
+        raise ValueError(f"cannot skip {skipped} of {seq_len} tokens from {routable} routable ones "
+                         f"(the sequence must be longer than the routable prefix and the skip fit in it)")
+    return (skipped + 0.5) / routable

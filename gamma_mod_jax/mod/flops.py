@@ -25,13 +25,15 @@ def kept_length(seq_len: int, skip_ratio: float) -> int:
     return int(seq_len * (1.0 - skip_ratio))
 
 
-def paper_tflops(llm_cfg, seq_len: int, mod_layers: Sequence[int], skip_ratio: float) -> float:
-    """LLM decoder layers only, MoD layers at their kept length, in TFLOPs."""
+def paper_tflops(llm_cfg, seq_len: int, mod_layers: Sequence[int], skip_ratio: float,
+                 kept: Optional[int] = None) -> float:
+    """LLM decoder layers only, MoD layers at their kept length (`kept` tokens when given,
+    else kept_length(seq_len, skip_ratio)), in TFLOPs."""
     _check(llm_cfg, mod_layers, skip_ratio)
     h, f, n = llm_cfg.hidden_size, llm_cfg.intermediate_size, llm_cfg.num_hidden_layers
     n_mod = len(set(mod_layers))
     total = (n - n_mod) * decoder_layer_flops(seq_len, h, f)
-    total += n_mod * decoder_layer_flops(kept_length(seq_len, skip_ratio), h, f)
+    total += n_mod * decoder_layer_flops(kept_length(seq_len, skip_ratio) if kept is None else kept, h, f)
     return total / 1e12
 
 
@@ -52,8 +54,9 @@ def _convnext_flops(cfg, image_size: int) -> float:
 
 
 def full_model_breakdown(mllm_cfg, seq_len: int, skip_ratio: float = 0.0,
-                         mod_layers: Optional[Sequence[int]] = None) -> Dict[str, float]:
-    """TFLOPs per component of one forward pass over one image and `seq_len` tokens."""
+                         mod_layers: Optional[Sequence[int]] = None, kept: Optional[int] = None) -> Dict[str, float]:
+    """TFLOPs per component of one forward pass over one image and `seq_len` tokens (MoD
+    layers at `kept` tokens when given, else at the `skip_ratio` share)."""
     clip, llm = mllm_cfg.clip, mllm_cfg.llm
     n_img = mllm_cfg.num_image_tokens
     d = clip.hidden_size
@@ -78,7 +81,8 @@ def full_model_breakdown(mllm_cfg, seq_len: int, skip_ratio: float = 0.0,
         out["vision_fusion"] = 2 * n_img * d * mllm_cfg.mm_hidden_size + 2 * n_img * cs * mllm_cfg.mm_hidden_size
     out["projector"] = 2 * n_img * (mllm_cfg.mm_hidden_size * llm.hidden_size + llm.hidden_size ** 2)
     layers = default_mod_layers(llm.num_hidden_layers) if mod_layers is None else mod_layers
-    out["llm_decoder"] = paper_tflops(llm, seq_len, layers if skip_ratio else (), skip_ratio) * 1e12
+    routed = skip_ratio or (kept is not None and kept < seq_len)
+    out["llm_decoder"] = paper_tflops(llm, seq_len, layers if routed else (), skip_ratio, kept) * 1e12
     out["lm_head"] = 2 * seq_len * llm.hidden_size * llm.vocab_size
     return {k: v / 1e12 for k, v in out.items()}
 
@@ -103,6 +107,38 @@ def _mgm_vision_flops(cfg) -> Dict[str, float]:
 def full_model_tflops(mllm_cfg, seq_len: int, skip_ratio: float = 0.0,
                       mod_layers: Optional[Sequence[int]] = None) -> float:
     return sum(full_model_breakdown(mllm_cfg, seq_len, skip_ratio, mod_layers).values())
+
+
+def train_step_flops(mllm_cfg, batch_size: int, text_len: int, remat: str = "none") -> Dict[str, float]:
+    """FLOPs of one training step (forward and backward) over a global batch of
+    `batch_size` rows of `text_len` text tokens (placeholder included), as the model runs
+    it: every row's image through the vision towers (static shapes: text-only rows too),
+    the LLM over the spliced length text_len - 1 + image tokens, each MoD layer at the
+    capacity's kept length (mod.num_skipped), the LM head over every position.
+      model:    3 x forward (the backward pass is twice the forward: gradients with respect
+                to activations and to weights); what MFU counts. Frozen parameters' skipped
+                weight gradients are not taken off (stage 1 overstates).
+      hardware: model + what rematerialisation recomputes: the decoder layers' forward
+                ('full') or their attention-score products ('dots'); what the device runs.
+    Paper convention: attention over the full s x s square, 2 FLOPs per multiply-add."""
+    n_img = mllm_cfg.num_image_tokens
+    seq = text_len - 1 + n_img
+    mod = mllm_cfg.mod
+    layers = tuple(mod.layers) if mod is not None else ()
+    kept = seq - mod.num_skipped(seq, n_img) if mod is not None else seq
+    parts = full_model_breakdown(mllm_cfg, seq, 0.0, layers, kept=kept)
+    forward = sum(parts.values()) * 1e12 * batch_size
+    model = 3 * forward
+    if remat == "full":
+        extra = parts["llm_decoder"] * 1e12 * batch_size
+    elif remat == "dots":
+        h, n = mllm_cfg.llm.hidden_size, mllm_cfg.llm.num_hidden_layers
+        extra = batch_size * 4 * h * ((n - len(layers)) * seq * seq + len(layers) * kept * kept)
+    elif remat == "none":
+        extra = 0.0
+    else:
+        raise ValueError(f"unknown remat policy {remat!r}; one of 'none', 'full', 'dots'")
+    return {"model": model, "hardware": model + extra, "forward": forward}
 
 
 def default_mod_layers(num_layers: int) -> tuple:

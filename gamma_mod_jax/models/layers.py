@@ -9,6 +9,8 @@ of the original code attribute by attribute, and leaves use Flax names:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import Optional
 
@@ -56,6 +58,24 @@ class RMSNorm(nnx.Module):
         return self.scale[...].astype(self.dtype) * normed
 
 
+_ATTENTION_IMPLEMENTATION = contextvars.ContextVar("attention_implementation", default=None)
+
+
+@contextlib.contextmanager
+def attention_implementation(name: Optional[str]):
+    """`jax.nn.dot_product_attention`'s backend for attention *traced* inside the block:
+    None (XLA, the default), "xla" or "cudnn" (cuDNN's fused attention, NVIDIA GPUs, bf16 /
+    fp16). A trace-time setting: jit a function inside the block (a cached trace keeps
+    the backend it was traced with)."""
+    if name not in (None, "xla", "cudnn"):
+        raise ValueError(f"attention implementation must be None, 'xla' or 'cudnn', got {name!r}")
+    token = _ATTENTION_IMPLEMENTATION.set(name)
+    try:
+        yield
+    finally:
+        _ATTENTION_IMPLEMENTATION.reset(token)
+
+
 def dot_product_attention(q_bshd, k_bthd, v_bthd, mask_bqk: Optional[jax.Array] = None, *,
                           is_causal: bool = False, return_probs: bool = False):
     """Softmax attention with grouped-query support and a boolean mask.
@@ -75,7 +95,8 @@ def dot_product_attention(q_bshd, k_bthd, v_bthd, mask_bqk: Optional[jax.Array] 
     t = k_bthd.shape[1]
     if not return_probs:
         mask = None if mask_bqk is None else jnp.broadcast_to(mask_bqk, (b, s, t))[:, None]
-        return jax.nn.dot_product_attention(q_bshd, k_bthd, v_bthd, mask=mask, is_causal=is_causal)
+        return jax.nn.dot_product_attention(q_bshd, k_bthd, v_bthd, mask=mask, is_causal=is_causal,
+                                            implementation=_ATTENTION_IMPLEMENTATION.get())
     if is_causal:
         causal = jnp.tril(jnp.ones((s, t), bool))[None]
         mask_bqk = causal if mask_bqk is None else mask_bqk & causal

@@ -7,9 +7,33 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from typing import Dict, Optional
 
 import numpy as np
+
+
+# Peak dense bf16 FLOP/s per device (vendor datasheets, no sparsity), by jax's device_kind
+# (first match wins): what `mfu` divides by unless train.peak_flops_per_device says otherwise.
+PEAK_BF16_FLOPS = (
+    (r"A100", 312e12),
+    (r"H100.*PCIe", 756e12),
+    (r"H100.*NVL", 835e12),
+    (r"H100|H800", 989e12),
+    (r"H200", 989e12),
+    (r"TPU v4", 275e12),
+    (r"TPU v5 ?lite|TPU v5e", 197e12),
+    (r"TPU v5p?$", 459e12),
+    (r"TPU v6 ?lite|TPU v6e", 918e12),
+)
+
+
+def peak_bf16_flops(device_kind: str) -> Optional[float]:
+    """The table's peak for a jax `device_kind` ("NVIDIA H100 80GB HBM3", "TPU v5 lite"), or None."""
+    for pattern, flops in PEAK_BF16_FLOPS:
+        if re.search(pattern, device_kind, re.IGNORECASE):
+            return flops
+    return None
 
 
 def _scalar(value):
@@ -51,7 +75,8 @@ class MetricsWriter:
                         if isinstance(v, (int, float)):
                             self._tb.add_scalar(f"{key}/{i}", v, step)
         if self._bar is not None:
-            shown = {k: record[k] for k in ("loss", "skip_ratio", "tokens_per_sec") if isinstance(record.get(k), float)}
+            shown = {k: record[k] for k in ("loss", "skip_ratio", "tokens_per_sec", "model_tflops_per_device", "mfu")
+                     if isinstance(record.get(k), float)}
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
 
     def advance(self, steps: int = 1) -> None:

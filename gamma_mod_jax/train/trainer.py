@@ -16,13 +16,25 @@ batch (`data.batch_size` examples per process and micro-batch; the global batch 
 concatenation in process order), so all processes hold the same shapes at every step.
 Checkpoints hold global arrays and the data position as a count of global batches, so
 they restore onto another mesh, process count or parallelism.
-With several processes every process saves and restores, metrics come from process
-0, and the processes agree at every micro-batch on whether all have data and whether
-any got SIGTERM, so they stop together.
+With several processes every process saves and restores and metrics come from process
+0. The processes stop together: on running out of data because the data pipeline serves
+one global batch plan (all run out at the same batch; another iterator is asked every
+micro-batch), on SIGTERM by agreeing at log and checkpoint steps.
+
+Nothing waits for the devices inside an update: micro-batches are dispatched ahead, the
+next batch is drawn and placed on the devices while the current one runs (one ahead,
+never past the next checkpoint's; a stop in between hands it back to the iterator), and
+counters, guards and metrics stay on the devices until a log or checkpoint step reads
+them (`train.guard_host_transfers`, default on, makes any other read an error). Uint8
+pixels (data.uint8_pixels) are normalised on the device. Logged: step_time and
+tokens_per_sec over the log window, model_tflops_per_device (mod/flops.py
+train_step_flops) and mfu against `train.peak_flops_per_device` or the device's peak
+(train/metrics.py PEAK_BF16_FLOPS; none on CPU, said once).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import json
@@ -359,7 +371,8 @@ class _PjitRunner:
     """The step as one jax.jit over the mesh: state sharded by logical axis rules and
     donated, batches as global arrays sharded over the batch axes."""
 
-    def __init__(self, config, graphdef, rest, tx, params, log, devices=None, trainable=None):
+    def __init__(self, config, graphdef, rest, tx, params, log, devices=None, trainable=None,
+                 image_token_index=None):
         self.mesh = make_mesh(config.get("mesh") or DEFAULT_MESH, devices)
         rules = sharding_rules(config)
         self.replicated = replicated(self.mesh)
@@ -367,7 +380,8 @@ class _PjitRunner:
         self.place_batch = BatchPlacer(self.mesh, rules, log=log)
         self.state = jax.jit(lambda p: init_train_state(p, tx), out_shardings=self.shardings)(
             place(params, self.shardings.params))
-        step = functools.partial(train_step, graphdef=graphdef, rest=rest, tx=tx, trainable=trainable)
+        step = _normalising_pixels(functools.partial(train_step, graphdef=graphdef, rest=rest, tx=tx,
+                                                     trainable=trainable), image_token_index)
 
         def constrained_step(state, batch):
             # Traced inside the context: the model's activation constraints use this mesh and rules.
@@ -380,8 +394,17 @@ class _PjitRunner:
         log(f"parallelism: pjit, {describe(self.mesh)}; train state {total / 2**20:.1f} MiB, "
             f"{per_device / 2**20:.1f} MiB per device")
 
+    def put(self, batch):
+        """A host batch -> global arrays on the mesh (transfers start; nothing waits). Allowed
+        to read back: BatchPlacer's fallback all-gathers rows between processes (logged)."""
+        with _host_reads():
+            return self.place_batch(_host_batch(batch))
+
     def step(self, state, batch):
-        batch = self.place_batch(_host_batch(batch))
+        return self.run(state, self.put(batch))
+
+    def run(self, state, batch):
+        """The step on a batch from `put`: dispatched, not waited for."""
         size = batch["input_ids"].shape[0]
         if size not in self._compiled:
             in_batch = {k: v.sharding for k, v in batch.items()}
@@ -407,23 +430,31 @@ class _PmapRunner:
     """Plain data parallelism: jax.pmap over the local devices of every process,
     replicated state, gradients averaged with pmean (see train.step)."""
 
-    def __init__(self, config, graphdef, rest, tx, params, log, devices=None, trainable=None):
+    def __init__(self, config, graphdef, rest, tx, params, log, devices=None, trainable=None,
+                 image_token_index=None):
         if devices is not None and len(devices) != jax.device_count():
             raise ValueError("pmap runs on every local device of every process")
         self.mesh = make_mesh(DEFAULT_MESH)  # checkpoints: global arrays replicated on every device
         self.state = data_parallel.replicate(init_train_state(params, tx))
         self.abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=replicated(self.mesh)), self.state)
-        step = functools.partial(train_step, graphdef=graphdef, rest=rest, tx=tx, axis_name=data_parallel.AXIS,
-                                 trainable=trainable)
+        step = _normalising_pixels(functools.partial(train_step, graphdef=graphdef, rest=rest, tx=tx,
+                                                     axis_name=data_parallel.AXIS, trainable=trainable),
+                                   image_token_index)
         self._step = jax.pmap(step, axis_name=data_parallel.AXIS, donate_argnums=0)
         if config.get("mesh") and dict(config.mesh) != DEFAULT_MESH:
             log(f"parallelism: pmap ignores config.mesh {dict(config.mesh)}")
         log(f"parallelism: pmap over {jax.local_device_count()} local device(s) x {jax.process_count()} "
             f"process(es)")
 
+    def put(self, batch):
+        return data_parallel.split_batch(_host_batch(batch))
+
     def step(self, state, batch):
-        return self._step(state, data_parallel.split_batch(_host_batch(batch)))
+        return self.run(state, self.put(batch))
+
+    def run(self, state, batch):
+        return self._step(state, batch)
 
     def abstract_checkpoint(self):
         return self.abstract
@@ -444,16 +475,36 @@ def _shard_bytes(x) -> int:
     return int(np.prod(shape)) * x.dtype.itemsize
 
 
-def make_step_runner(config, graphdef, rest, tx, params, log=print, *, devices=None, trainable=None):
+def make_step_runner(config, graphdef, rest, tx, params, log=print, *, devices=None, trainable=None,
+                     image_token_index=None):
     """The step runner `config.parallelism` asks for: `.state` (the initial train state,
-    placed), `.step(state, host_batch) -> (state, metrics)`, checkpoint conversions.
+    placed), `.step(state, host_batch) -> (state, metrics)` (= `.run(state, .put(host_batch))`:
+    placing a batch on the devices and running the step, separately), checkpoint conversions.
     `devices`: the mesh's devices (default: all). `trainable`: the freeze rules' mask
-    (frozen parameters get no gradients computed)."""
+    (frozen parameters get no gradients computed). `image_token_index`: the model's image
+    placeholder id; with it, uint8 pixel_values (data.uint8_pixels) are normalised on the
+    device, rows without a placeholder to zeros as the host path's text-only rows."""
     kind = config.get("parallelism") or "pjit"
     if kind not in PARALLELISMS:
         raise ValueError(f"config.parallelism must be one of {PARALLELISMS}, got {kind!r}")
     return (_PjitRunner if kind == "pjit" else _PmapRunner)(config, graphdef, rest, tx, params, log, devices,
-                                                            trainable)
+                                                            trainable, image_token_index)
+
+
+def _normalising_pixels(step, image_token_index):
+    """`step` taking uint8 pixel_values (resized, not normalised) and normalising them on the
+    device first (data/image.py normalise_on_device: the host path's values exactly)."""
+    if image_token_index is None:
+        return step
+
+    def run(state, batch):
+        if batch["pixel_values"].dtype == jnp.uint8:  # static: decided when the step is traced
+            from gamma_mod_jax.data.image import normalise_on_device
+
+            has_image = jnp.any(batch["input_ids"] == image_token_index, axis=1)
+            batch = dict(batch, pixel_values=normalise_on_device(batch["pixel_values"], has_image))
+        return step(state, batch)
+    return run
 
 
 def _all_processes(*flags: bool) -> tuple:
@@ -512,7 +563,9 @@ def train(config, workdir: str, *, make_data_iterator: Optional[Callable] = None
     tx, schedule, mask = make_optimizer(optim_cfg, params, num_updates)
     trained, total = count_trainable(params, mask)
     info(f"parameters: {trained:,} trained of {total:,}")
-    runner = make_step_runner(config, graphdef, rest, tx, params, info, trainable=mask)
+    image_token_index = model.config.image_token_index
+    runner = make_step_runner(config, graphdef, rest, tx, params, info, trainable=mask,
+                              image_token_index=image_token_index)
     state = runner.state
     runner.state = None
     model_cfg = model.config
@@ -534,15 +587,36 @@ def train(config, workdir: str, *, make_data_iterator: Optional[Callable] = None
             if lead:
                 _trim_metrics(workdir, latest)
             info(f"resumed from {checkpoints.step_directory(latest)}")
-    save = lambda step_, state_, force=False: checkpoints.save(step_, runner.to_checkpoint(state_), data_iter,
-                                                               force=force)
+    prefetch = _Prefetcher(data_iter, runner.put)
+    save_step = lambda after: min((after // train_cfg.checkpoint_every + 1) * train_cfg.checkpoint_every, num_updates)
+    # Nothing is drawn past the next checkpoint step's micro-batches, so a checkpoint's data
+    # position is the one its state consumed; a stop between checkpoints rewinds instead.
+    prefetch.limit = (save_step(start) - start) * accumulation
+
+    def save(step_, state_, force=False):
+        prefetch.rewind()
+        saved = checkpoints.save(step_, runner.to_checkpoint(state_), data_iter, force=force)
+        prefetch.limit = (save_step(step_) - start) * accumulation
+        return saved
+
+    processes = jax.process_count()
+    # With several processes they must agree on whether all have data before each step (a
+    # collective with a missing peer hangs). The data pipeline's iterators serve one global
+    # batch plan, so all run out at the same batch and need no agreement; any other iterator
+    # is asked every micro-batch (a host synchronisation per step).
+    agree_on_data = processes > 1 and not getattr(data_iter, "same_batches_on_every_process", False)
+    if agree_on_data:
+        info("data: the iterator does not say it serves the same batches on every process; the processes "
+             "agree on having data at every micro-batch (a host synchronisation per step)")
+    guard = _update_guard(train_cfg)
 
     stop = {"signal": None}
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
     writer = MetricsWriter(workdir, total_steps=num_updates, initial_step=start,
                            enabled=lead, tensorboard=train_cfg.tensorboard,
                            progress=train_cfg.progress_bar)
-    window = _Window(runner.to_host)
+    window = _Window(runner.to_host, _step_flops(model_cfg, train_cfg, processes, info),
+                     runner.mesh.devices.size, _peak_flops(train_cfg, info))
 
     def check_nonfinite_limit():
         hit = window.first_step_at_limit(limit)
@@ -556,41 +630,58 @@ def train(config, workdir: str, *, make_data_iterator: Optional[Callable] = None
     step, status = start, "finished"
     try:
         while step < num_updates:
-            tic = time.perf_counter()
-            for _ in range(accumulation):
-                try:
-                    batch = next(data_iter)
-                except StopIteration:
-                    batch = None
-                if not _all_processes(batch is not None)[0]:  # every process must have data
-                    status = "data exhausted"
-                    break
-                state, metrics = runner.step(state, batch)
-                window.add(metrics, step + 1)
+            # One update: micro-batches dispatched without waiting for the device (no value
+            # is read back here; train.guard_host_transfers makes a read an error), the next
+            # batch drawn and placed while the device computes.
+            with guard():
+                for _ in range(accumulation):
+                    item = prefetch.take()
+                    if agree_on_data:
+                        with _host_reads():
+                            has_data = _all_processes(item is not None)[0]
+                    else:
+                        has_data = item is not None
+                    if not has_data:  # every process must have data
+                        status = "data exhausted"
+                        break
+                    batch, shape = item
+                    state, metrics = runner.run(state, batch)
+                    prefetch.fill()
+                    window.add(metrics, step + 1, shape)
             if status != "finished":
                 break
             step += 1
-            if step % train_cfg.log_every == 0 or step == num_updates:
-                summary = window.summary(time.perf_counter() - tic, accumulation)
-                summary.update(learning_rate=float(schedule(step - 1)),
-                               nonfinite_total=int(_host_value(state.nonfinite_total).reshape(-1)[0]))
-                summary.update(_data_stats(data_iter))
-                writer.write(step, summary)
-                check_nonfinite_limit()
-            writer.advance()
-            if step % train_cfg.checkpoint_every == 0:
-                check_nonfinite_limit()
-                save(step, state)
-            if not _all_processes(stop["signal"] is None)[0]:  # SIGTERM on any process stops all
+            with _host_reads():  # log and checkpoint steps: the only reads from the devices
+                logged = step % train_cfg.log_every == 0 or step == num_updates
+                if logged:
+                    summary = window.summary()
+                    summary.update(learning_rate=float(schedule(step - 1)),
+                                   nonfinite_total=int(_host_value(state.nonfinite_total).reshape(-1)[0]))
+                    summary.update(_data_stats(data_iter))
+                    writer.write(step, summary)
+                    check_nonfinite_limit()
+                writer.advance()
+                checkpointed = step % train_cfg.checkpoint_every == 0
+                if checkpointed:
+                    check_nonfinite_limit()
+                    save(step, state)
+                # SIGTERM on any process stops all: one process checks its own flag every
+                # update; several agree at log and checkpoint steps only
+                if processes == 1:
+                    stopping = stop["signal"] is not None
+                else:
+                    stopping = (logged or checkpointed) and not _all_processes(stop["signal"] is None)[0]
+            if stopping:
                 status = "stopped by SIGTERM"
                 break
-        check_nonfinite_limit()
-        if status == "data exhausted" and step == 0:
-            raise TrainingError(f"the data yielded no batch for a first step; data counts: "
-                                f"{_data_stats(data_iter) or 'none reported'}")
-        if checkpoints.latest_step() != step and step > start:
-            save(step, state, force=True)
-        checkpoints.finish()
+        with _host_reads():
+            check_nonfinite_limit()
+            if status == "data exhausted" and step == 0:
+                raise TrainingError(f"the data yielded no batch for a first step; data counts: "
+                                    f"{_data_stats(data_iter) or 'none reported'}")
+            if checkpoints.latest_step() != step and step > start:
+                save(step, state, force=True)
+            checkpoints.finish()
     except (TrainingError, CheckpointWriteError):
         raise
     except BaseException:
@@ -598,9 +689,10 @@ def train(config, workdir: str, *, make_data_iterator: Optional[Callable] = None
         # with several processes: the others are not saving, and a save needs all of them.
         if step > start and checkpoints.latest_step() != step and jax.process_count() == 1:
             try:
-                check_nonfinite_limit()
-                save(step, state, force=True)
-                checkpoints.finish()
+                with _host_reads():
+                    check_nonfinite_limit()
+                    save(step, state, force=True)
+                    checkpoints.finish()
                 writer.message(f"saved a checkpoint at step {step} before stopping")
             except Exception:  # the state's buffers may have been donated to the failed step
                 pass
@@ -627,18 +719,92 @@ def train(config, workdir: str, *, make_data_iterator: Optional[Callable] = None
     return summary
 
 
-class _Window:
-    """Host-side mean of micro-batch metrics since the last log line, and the non-finite
-    counts in a row since the last limit check (device values until then)."""
+def _host_reads():
+    """Where the trainer reads values back from the devices (log and checkpoint steps)."""
+    return jax.transfer_guard_device_to_host("allow")
 
-    def __init__(self, to_host):
+
+def _update_guard(train_cfg):
+    """The context of an update's micro-batches: device-to-host transfers are errors there
+    unless `train.guard_host_transfers` is False (a read would stall dispatch every step).
+    jax guards accelerator arrays only: CPU arrays are host memory, read without a transfer."""
+    if train_cfg.get("guard_host_transfers", True):
+        return lambda: jax.transfer_guard_device_to_host("disallow")
+    return contextlib.nullcontext
+
+
+class _Prefetcher:
+    """Batches placed on the devices ahead of use: after the step of batch k is dispatched,
+    batch k + 1 is drawn and its transfer started (`fill`), so loading and the host-to-device
+    copy overlap the device's work. `limit` caps the batches drawn ahead (counted from the
+    start of the run); `rewind` hands back batches drawn but not used (a stop between
+    checkpoints, before a save) by restoring the iterator's state from before their draw."""
+
+    def __init__(self, data_iter, put: Callable, depth: int = 1):
+        self.data_iter, self.put, self.depth = data_iter, put, depth
+        self.queue: collections.deque = collections.deque()  # (state before the draw, placed batch, shape)
+        self.exhausted = False
+        self.limit: Optional[int] = None
+        self.drawn = 0
+        self.stateful = callable(getattr(data_iter, "get_state", None)) and callable(
+            getattr(data_iter, "set_state", None))
+
+    def _draw(self) -> bool:
+        if self.exhausted:
+            return False
+        before = self.data_iter.get_state() if self.stateful else None
+        try:
+            batch = next(self.data_iter)
+        except StopIteration:
+            self.exhausted = True
+            return False
+        self.drawn += 1
+        host = _host_batch(batch)
+        self.queue.append((before, self.put(host), tuple(host["input_ids"].shape)))
+        return True
+
+    def take(self):
+        """(placed batch, host input_ids shape) of the next batch; None once the data ended."""
+        if not self.queue:
+            self._draw()
+        if not self.queue:
+            return None
+        _, batch, shape = self.queue.popleft()
+        return batch, shape
+
+    def fill(self) -> None:
+        while len(self.queue) < self.depth and (self.limit is None or self.drawn < self.limit) and self._draw():
+            pass
+
+    def rewind(self) -> None:
+        if not self.queue:
+            return
+        before = self.queue[0][0]
+        self.drawn -= len(self.queue)
+        self.queue.clear()
+        if before is not None:
+            self.data_iter.set_state(before)
+        self.exhausted = False
+
+
+class _Window:
+    """Micro-batch metrics since the last log line (device values until then), their model
+    FLOPs, and the non-finite counts in a row since the last limit check."""
+
+    def __init__(self, to_host, flops_of: Callable, devices: int, peak: Optional[float]):
         self.items = []
         self.runs = []  # (update step, nonfinite_run after the micro-batch)
-        self.to_host = to_host
+        self.to_host, self.flops_of, self.devices, self.peak = to_host, flops_of, devices, peak
+        self.flops, self.updates, self.last_step = 0.0, 0, None
+        self.start = time.perf_counter()
 
-    def add(self, metrics, step: int):
+    def add(self, metrics, step: int, shape):
         self.items.append(metrics)
         self.runs.append((step, metrics["nonfinite_run"]))
+        flops = self.flops_of(shape)
+        self.flops = None if flops is None or self.flops is None else self.flops + flops
+        if step != self.last_step:
+            self.updates, self.last_step = self.updates + 1, step
 
     def first_step_at_limit(self, limit: int) -> Optional[int]:
         """The first update step since the last call whose count of non-finite micro-batches
@@ -650,19 +816,60 @@ class _Window:
                 return step
         return None
 
-    def summary(self, seconds: float, accumulation: int) -> dict:
-        host = [self.to_host(m) for m in self.items]
-        self.items = []
+    def summary(self) -> dict:
+        """Means over the window's micro-batches; step_time, tokens_per_sec and the model
+        FLOPs rates over the time since the last summary (the first includes compilation)."""
+        host = [self.to_host(m) for m in self.items]  # waits for the window's last step
+        seconds = max(time.perf_counter() - self.start, 1e-9)
         out = {}
         for key in host[0]:
             values = np.stack([np.asarray(m[key], np.float64) for m in host])
             out[key] = values.mean(axis=0)
-        tokens = sum(float(m["tokens"]) for m in host[-accumulation:])
-        out["step_time"] = seconds
-        out["tokens_per_sec"] = tokens / max(seconds, 1e-9)
+        out["step_time"] = seconds / max(self.updates, 1)
+        out["tokens_per_sec"] = sum(float(np.asarray(m["tokens"]).reshape(-1)[0]) for m in host) / seconds
         out["finite"] = bool(np.all([m["finite"] for m in host]))
         out["nonfinite_run"] = int(np.asarray(host[-1]["nonfinite_run"]).reshape(-1)[0])
+        if self.flops is not None:
+            out["model_tflops_per_device"] = self.flops / seconds / self.devices / 1e12
+            if self.peak:
+                out["mfu"] = self.flops / seconds / self.devices / self.peak
+        self.items, self.flops, self.updates = [], 0.0, 0
+        self.start = time.perf_counter()
         return out
+
+
+def _step_flops(model_cfg, train_cfg, processes: int, log) -> Callable:
+    """shape of a process's input_ids -> model FLOPs of its step on the global batch
+    (mod/flops.py train_step_flops); None (logged once) when the counter cannot count it."""
+    from gamma_mod_jax.mod.flops import train_step_flops
+
+    cache = {}
+
+    def flops_of(shape):
+        if shape not in cache:
+            try:
+                cache[shape] = train_step_flops(model_cfg, shape[0] * processes, shape[1], train_cfg.remat)["model"]
+            except Exception as e:  # noqa: BLE001 - a missing count must not stop training
+                log(f"mfu: not reported: the FLOPs counter cannot count this model ({type(e).__name__}: {e})")
+                cache[shape] = None
+        return cache[shape]
+    return flops_of
+
+
+def _peak_flops(train_cfg, log) -> Optional[float]:
+    """train.peak_flops_per_device, else the device's from PEAK_BF16_FLOPS; None (said once)
+    when neither knows it: mfu is then left out of the metrics."""
+    from gamma_mod_jax.train.metrics import peak_bf16_flops
+
+    given = train_cfg.get("peak_flops_per_device")
+    if given:
+        return float(given)
+    kind = jax.devices()[0].device_kind
+    peak = peak_bf16_flops(kind)
+    if peak is None:
+        log(f"mfu: not reported: no peak bf16 FLOPs known for device kind {kind!r}; set "
+            f"train.peak_flops_per_device (model_tflops_per_device is reported)")
+    return peak
 
 
 def _data_stats(data_iter) -> dict:

@@ -2,20 +2,31 @@
 (Speed itself is measured by running it, never asserted in tests.)"""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
+from gamma_mod_jax.eval.benchmark import forward_flops
+from gamma_mod_jax.config_file import load_config
 from launch import benchmark
 
 
 def test_benchmark_cli_writes_results(tmp_path):
     out = tmp_path / "results.json"
-    benchmark.main(["--config", "configs/benchmark.py:tiny", "--out", str(out)])
+    benchmark.main(["--config", "configs/benchmark.py:tiny,peak_flops=1e12", "--out", str(out)])
     results = json.loads(out.read_text())
-    for phase in ("prefill", "train_step"):
+    dense_flops, gamma_flops = forward_flops(load_config("configs/benchmark.py:tiny"))
+    for phase, times in (("prefill", 1), ("train_step", 3)):
         assert results[phase]["speedup"] > 0
         assert results[phase]["ideal_speedup"] > 1
         assert results[phase]["dense"]["median_s"] > 0
+        for name, flops in (("dense", dense_flops), ("gamma_mod", gamma_flops)):
+            timing = results[phase][name]
+            assert timing["samples_per_s"] == pytest.approx(1 / timing["median_s"])  # batch 1
+            assert timing["model_tflops_per_device"] == pytest.approx(times * flops / timing["median_s"] / 1e12)
+            assert timing["mfu"] == pytest.approx(timing["model_tflops_per_device"])  # peak 1 TFLOP/s
     threshold = results["prefill_threshold"]
     assert threshold["speedup"] > 0 and threshold["ideal_speedup"] > 1 and 0 < threshold["skip_ratio"] < 1
     kv = results["kv_cache"]
@@ -44,3 +55,22 @@ def test_benchmark_of_a_checkpoint_uses_its_weights_and_threshold(tmp_path, caps
     save_checkpoint(str(tmp_path / "dense"), gm.build_model(gm.model_config("configs/llava15_7b.py:tiny")))
     assert benchmark.main(["--checkpoint", str(tmp_path / "dense"), "--out", str(out)]) == 2
     assert "not a γ-MoD model" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # the cpu config at 1400 tokens: about a minute on a quiet 2-core machine
+def test_gpu_run_script_runs_on_the_cpu_config(tmp_path):
+    """launch/gpu_benchmark.sh with the cpu config (5 layers: one MoD layer; one timed run,
+    no decoding): prefill and training step, samples/s and memory; no MFU on CPU, said once."""
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run(["bash", "launch/gpu_benchmark.sh", "configs/benchmark.py:cpu,layers=5,repeats=1,warmup=0,decode=0",
+                           str(out)], env=dict(os.environ, PYTHON=sys.executable, JAX_PLATFORMS="cpu"),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["attention"] == "xla" and results["decode"] == {}
+    for phase in ("prefill", "train_step"):
+        for name in ("dense", "gamma_mod"):
+            timing = results[phase][name]
+            assert timing["samples_per_s"] > 0 and timing["model_tflops_per_device"] > 0 and timing["mfu"] is None
+            assert timing["temp_mib"] > 0
+    assert proc.stdout.count("mfu: not reported") == 1 and "samples/s" in proc.stdout

@@ -14,6 +14,8 @@ import grain
 
 
 class ShapeLoggingIterator(grain.DatasetIterator):
+    same_batches_on_every_process = True  # the pipeline's global batch plan, as the iterator it wraps
+
     def __init__(self, parent, path: str):
         super().__init__(parent)
         self.path = path

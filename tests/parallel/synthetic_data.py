@@ -45,6 +45,8 @@ def batch(first: int, size: int, image_size: int, seed: int = 0) -> dict:
 
 
 class SyntheticIterator:
+    same_batches_on_every_process = True  # endless on every process: no agreement on data needed
+
     def __init__(self, per_process: int, process_index: int, process_count: int, image_size: int, seed: int = 0):
         self.per_process, self.index, self.count = per_process, process_index, process_count
         self.image_size, self.seed, self.step = image_size, seed, 0

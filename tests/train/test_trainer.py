@@ -58,10 +58,11 @@ def test_training_writes_metrics_and_resumes_with_the_same_losses(tmp_path):
         assert key in records[0], key
     assert 0.05 < records[0]["skip_ratio"] < 0.7 and records[0]["routing_loss"] > 0
     assert os.listdir(tmp_path / "full" / "tensorboard")
-    # the same run stopped (SIGTERM) after 3 steps and resumed
+    # the same run stopped (SIGTERM) after 2 steps and resumed: the signal comes with the 3rd
+    # batch, drawn ahead while step 2 runs; the checkpoint of step 2 hands that batch back
     stopped = train(config, str(tmp_path / "resumed"), make_data_iterator=terminating_iterator(synthetic_iterator(2), 3),
                     log=lambda *_: None)
-    assert stopped["status"] == "stopped by SIGTERM" and stopped["step"] == 3
+    assert stopped["status"] == "stopped by SIGTERM" and stopped["step"] == 2
     resumed = train(config, str(tmp_path / "resumed"), make_data_iterator=synthetic_iterator(2), log=lambda *_: None)
     assert resumed["step"] == 6
     got, want = losses(tmp_path / "resumed"), losses(tmp_path / "full")
@@ -191,10 +192,11 @@ def terminating_iterator(make_inner, at_draw):
 
 def test_sigterm_saves_and_stops_cleanly(tmp_path):
     config = tiny_config(num_steps=6, checkpoint_every=100)
+    # the 2nd batch is drawn (ahead) while step 1 runs: the run stops after step 1
     out = train(config, str(tmp_path), make_data_iterator=terminating_iterator(synthetic_iterator(2), 2),
                 log=lambda *_: None)
-    assert out["status"] == "stopped by SIGTERM" and out["step"] == 2
-    assert "2" in os.listdir(tmp_path / "checkpoints")
+    assert out["status"] == "stopped by SIGTERM" and out["step"] == 1
+    assert "1" in os.listdir(tmp_path / "checkpoints")
 
 
 def test_dense_checkpoint_is_adapted_to_the_gamma_mod_config(tmp_path):
