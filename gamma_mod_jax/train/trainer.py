@@ -44,6 +44,7 @@ from gamma_mod_jax.models.config import MLLMConfig
 from gamma_mod_jax.parallel import data_parallel
 from gamma_mod_jax.parallel.mesh import DEFAULT_MESH, describe, make_mesh
 from gamma_mod_jax.parallel.sharding import BatchPlacer, like_params, param_shardings, place, replicated
+from gamma_mod_jax.train.distill import load_teacher
 from gamma_mod_jax.train.metrics import MetricsWriter
 from gamma_mod_jax.train.optim import count_trainable, make_optimizer
 from gamma_mod_jax.train.step import BATCH_KEYS, TrainState, all_finite, init_train_state, train_step
@@ -400,7 +401,7 @@ class _PjitRunner:
     """The step as one jax.jit over the mesh: state sharded by logical axis rules and
     donated, batches as global arrays sharded over the batch axes."""
 
-    def __init__(self, config, graphdef, rest, tx, params, log, devices=None, trainable=None):
+    def __init__(self, config, graphdef, rest, tx, params, log, devices=None, trainable=None, teacher=None):
         self.mesh = make_mesh(config.get("mesh") or DEFAULT_MESH, devices)
         rules = sharding_rules(config)
         self.replicated = replicated(self.mesh)
@@ -408,7 +409,12 @@ class _PjitRunner:
         self.place_batch = BatchPlacer(self.mesh, rules, log=log)
         self.state = jax.jit(lambda p: init_train_state(p, tx), out_shardings=self.shardings)(
             place(params, self.shardings.params))
-        self._step = functools.partial(train_step, graphdef=graphdef, rest=rest, tx=tx, trainable=trainable)
+        self._step = functools.partial(train_step, graphdef=graphdef, rest=rest, tx=tx, trainable=trainable,
+                                       distill=teacher and teacher.spec)
+        # A distillation teacher: parameters sharded by the same logical rules, a step
+        # argument that is neither differentiated nor donated.
+        self.teacher_shardings = teacher and param_shardings(teacher.params, self.mesh, rules, log=log)
+        self.teacher_params = teacher and place(teacher.params, self.teacher_shardings)
         self._compiled = {}
         per_device = sum(_shard_bytes(x) for x in jax.tree.leaves(self.state))
         total = sum(x.nbytes for x in jax.tree.leaves(self.state))
@@ -420,9 +426,9 @@ class _PjitRunner:
         size = batch["input_ids"].shape[0]
         if size not in self._compiled:
             in_batch = {k: v.sharding for k, v in batch.items()}
-            self._compiled[size] = jax.jit(self._step, in_shardings=(self.shardings, in_batch),
+            self._compiled[size] = jax.jit(self._step, in_shardings=(self.shardings, in_batch, self.teacher_shardings),
                                            out_shardings=(self.shardings, self.replicated), donate_argnums=0)
-        return self._compiled[size](state, batch)
+        return self._compiled[size](state, batch, self.teacher_params)
 
     def abstract_checkpoint(self):
         return self.abstract
@@ -442,7 +448,7 @@ class _PmapRunner:
     """Plain data parallelism: jax.pmap over the local devices of every process,
     replicated state, gradients averaged with pmean (see train.step)."""
 
-    def __init__(self, config, graphdef, rest, tx, params, log, devices=None, trainable=None):
+    def __init__(self, config, graphdef, rest, tx, params, log, devices=None, trainable=None, teacher=None):
         if devices is not None and len(devices) != jax.device_count():
             raise ValueError("pmap runs on every local device of every process")
         self.mesh = make_mesh(DEFAULT_MESH)  # checkpoints: global arrays replicated on every device
@@ -450,7 +456,8 @@ class _PmapRunner:
         self.abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=replicated(self.mesh)), self.state)
         step = functools.partial(train_step, graphdef=graphdef, rest=rest, tx=tx, axis_name=data_parallel.AXIS,
-                                 trainable=trainable)
+                                 trainable=trainable, distill=teacher and teacher.spec)
+        self.teacher_params = teacher and data_parallel.replicate(teacher.params)
         self._step = jax.pmap(step, axis_name=data_parallel.AXIS, donate_argnums=0)
         if config.get("mesh") and dict(config.mesh) != DEFAULT_MESH:
             log(f"parallelism: pmap ignores config.mesh {dict(config.mesh)}")
@@ -458,7 +465,7 @@ class _PmapRunner:
             f"process(es)")
 
     def step(self, state, batch):
-        return self._step(state, data_parallel.split_batch(_host_batch(batch)))
+        return self._step(state, data_parallel.split_batch(_host_batch(batch)), self.teacher_params)
 
     def abstract_checkpoint(self):
         return self.abstract
@@ -479,16 +486,17 @@ def _shard_bytes(x) -> int:
     return int(np.prod(shape)) * x.dtype.itemsize
 
 
-def make_step_runner(config, graphdef, rest, tx, params, log=print, *, devices=None, trainable=None):
+def make_step_runner(config, graphdef, rest, tx, params, log=print, *, devices=None, trainable=None, teacher=None):
     """The step runner `config.parallelism` asks for: `.state` (the initial train state,
     placed), `.step(state, host_batch) -> (state, metrics)`, checkpoint conversions.
     `devices`: the mesh's devices (default: all). `trainable`: the freeze rules' mask
-    (frozen parameters get no gradients computed)."""
+    (frozen parameters get no gradients computed). `teacher`: a distill.Teacher (its
+    parameters placed beside the state, outside it: not optimised, not checkpointed)."""
     kind = config.get("parallelism") or "pjit"
     if kind not in PARALLELISMS:
         raise ValueError(f"config.parallelism must be one of {PARALLELISMS}, got {kind!r}")
     return (_PjitRunner if kind == "pjit" else _PmapRunner)(config, graphdef, rest, tx, params, log, devices,
-                                                            trainable)
+                                                            trainable, teacher)
 
 
 def _all_processes(*flags: bool) -> tuple:
@@ -539,11 +547,12 @@ def train(config, workdir: str, *, make_data_iterator: Optional[Callable] = None
     tx, schedule, mask = make_optimizer(optim_cfg, params, num_updates)
     trained, total = count_trainable(params, mask)
     info(f"parameters: {trained:,} trained of {total:,}")
-    runner = make_step_runner(config, graphdef, rest, tx, params, info, trainable=mask)
+    teacher = load_teacher(config, model.config, log=info)  # None unless config.distill.coef > 0
+    runner = make_step_runner(config, graphdef, rest, tx, params, info, trainable=mask, teacher=teacher)
     state = runner.state
     runner.state = None
     model_cfg = model.config
-    del params, model
+    del params, model, teacher
 
     if make_data_iterator is None:
         from gamma_mod_jax.data.pipeline import make_train_iterator_from_config as make_data_iterator
