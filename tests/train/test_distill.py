@@ -4,6 +4,7 @@ gradients never computed (compiled FLOPs), and the trainer with a `_distill` rec
 
 import dataclasses
 import functools
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,8 @@ from gamma_mod_jax.train.metrics import read_metrics
 from gamma_mod_jax.train.step import IGNORE_INDEX, init_train_state, loss_and_metrics, train_step
 from gamma_mod_jax.train.trainer import train
 from tests.conftest import rel_err
+from tests.parallel.helpers import child_env, result_line, run
+from tests.parallel.test_sharded_step import check_equal
 from tests.parallel.synthetic_data import batch as synthetic_batch
 from tests.train.test_trainer import synthetic_iterator
 
@@ -172,3 +175,14 @@ def test_distill_recipe_trains_logs_its_metrics_and_refuses_a_teacher_of_another
         train(config, str(tmp_path / "run2"), make_data_iterator=synthetic_iterator(2), log=lambda *_: None)
     with pytest.raises(ValueError, match="unknown recipe|γ-MoD recipes only"):
         load_config("configs/train.py:llava_hr_7b_stage1_distill")
+
+
+@pytest.mark.slow
+def test_distilled_step_sharded_and_under_pmap_equals_the_single_device_step():
+    """8 simulated CPU devices: the teacher sharded by the student's rules (2x2x2 mesh) or
+    replicated (pmap) gives the single device's losses, KL and updates."""
+    proc = run([sys.executable, "-m", "tests.parallel.step_equality_worker", f"{RECIPE}_distill,tiny", "1x1x1",
+                "2x2x2", "pmap"], env=child_env(devices=8), timeout=900)
+    report = result_line(proc.stdout)
+    check_equal(report, "1x1x1")
+    assert all(d > 1e-3 for d in report["1x1x1"]["distill_loss"]), report["1x1x1"]
