@@ -11,6 +11,9 @@ The ratio in a recipe's name is the paper's name, not `model.mod.routing_ratio`:
 skips, per MoD layer, the paper's measured skip ratio (PAPER_SKIP) of the paper's mean
 sequence length (MEAN_LENGTH), converted to the share of the routable image + system tokens
 that routing_ratio counts (gamma_mod_jax/mod/config.py, routing_ratio_for_skip).
+  <any γ-MoD recipe>_distill   the same with distillation from the dense model it starts
+                         from (init_checkpoint; gamma_mod_jax/train/distill.py): loss + coef x
+                         KL(teacher || student) on the answer tokens, e.g. llava_hr_7b_mod0.5_distill
 Stage 2 (γ-MoD): mix665k with `<image>` moved to the front, lr 2e-5 for every parameter
 (vision tower not frozen, no separate router lr), wd 0, warmup 3%, cosine, 1 epoch, global
 batch 128, bf16 compute, rematerialisation, max length 2496, routing-loss coefficient 0.01.
@@ -30,6 +33,7 @@ import ml_collections
 
 from configs import _model
 from gamma_mod_jax.parallel.logical import DEFAULT_RULES
+from gamma_mod_jax.train.distill import RECIPE_DISTILL, distill_config_defaults
 
 MIX665K_RECORDS = 665_298
 LCS558K_RECORDS = 558_128
@@ -118,15 +122,33 @@ def base_config(model_file, model_arg, *, stage, global_batch, micro_batch, reco
     config.parallelism = "pjit"        # pjit | pmap
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     config.sharding_rules = DEFAULT_RULES  # (logical name, mesh axes or None) pairs
+    config.distill = distill_config_defaults()  # off (coef 0); see gamma_mod_jax/train/distill.py
+    return config
+
+
+DISTILL_SUFFIX = "_distill"
+
+
+def split_distill(recipe: str):
+    """(the recipe without a `_distill` suffix, whether it had one)."""
+    return (recipe[: -len(DISTILL_SUFFIX)], True) if recipe.endswith(DISTILL_SUFFIX) else (recipe, False)
+
+
+def enable_distillation(config, **overrides):
+    """Distillation on (RECIPE_DISTILL + overrides) in a γ-MoD fine-tuning config; the
+    teacher is config.init_checkpoint unless `teacher_checkpoint` is given."""
+    config.distill.update(dict(RECIPE_DISTILL, **overrides))
     return config
 
 
 def get_config(arg=None):
     parts = [p for p in (arg or "llava_hr_7b_mod0.34").split(",") if p]
-    recipe, tiny = parts[0], "tiny" in parts[1:]
+    (recipe, distill), tiny = split_distill(parts[0]), "tiny" in parts[1:]
     unknown = [p for p in parts[1:] if p != "tiny"]
     if unknown:
         raise ValueError(f"unknown recipe options {unknown}; use <recipe>[,tiny]")
+    if distill and "_mod" not in recipe:
+        raise ValueError(f"{parts[0]!r}: the {DISTILL_SUFFIX} variant exists for γ-MoD recipes only")
     if recipe.endswith("_stage1"):
         model, stage, ratio = recipe[: -len("_stage1")], 1, None
     elif "_mod" in recipe:
@@ -161,4 +183,6 @@ def get_config(arg=None):
         config.train.remat = "none"
         config.train.progress_bar = False
         config.train.async_checkpoints = False
+    if distill:
+        enable_distillation(config)
     return config

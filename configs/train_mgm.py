@@ -17,6 +17,7 @@ Recipes (official scripts; ../shared/reference/mini_gemini.md §5):
   mgm_hd_7b_mod0.5   the same γ-MoD recipe on the HD layout (2880 image tokens, image-only routing,
                      presets.MGM_MOD, max length 4096): the recipe behind the released HD
                      checkpoints is not published.
+`<γ-MoD recipe>_distill`: with distillation from the dense init_checkpoint (configs/train.py).
 The data is MGM-Instruct (`mgm_instruction.json`); MGM_INSTRUCT_RECORDS is the count the step
 number is derived from: set `--config.train.num_steps` from your copy's length.
 """
@@ -34,13 +35,15 @@ RECIPES = {  # recipe: (model argument, global batch, micro batch, max length, �
 
 def get_config(arg=None):
     parts = [p for p in (arg or "mgm_hd_7b_stage2").split(",") if p]
-    recipe, tiny = parts[0], "tiny" in parts[1:]
+    (recipe, distill), tiny = llava_recipes.split_distill(parts[0]), "tiny" in parts[1:]
     unknown = [p for p in parts[1:] if p != "tiny"]
     if unknown:
         raise ValueError(f"unknown recipe options {unknown}; use <recipe>[,tiny]")
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; known: {sorted(RECIPES)}")
     model_arg, global_batch, micro_batch, max_len, gamma_mod = RECIPES[recipe]
+    if distill and not gamma_mod:
+        raise ValueError(f"{parts[0]!r}: the {llava_recipes.DISTILL_SUFFIX} variant exists for γ-MoD recipes only")
     model_arg = ",".join(filter(None, [model_arg, "tiny" if tiny else "dtype=bf16"]))
     config = llava_recipes.base_config("configs/mgm_hd_7b.py", model_arg, stage=2, global_batch=global_batch,
                                        micro_batch=micro_batch, records=MGM_INSTRUCT_RECORDS, lr=2e-5,
@@ -53,4 +56,6 @@ def get_config(arg=None):
         config.data.batch_size, config.data.buckets = smoke.data.batch_size, smoke.data.buckets
         config.optim.accumulation_steps = smoke.optim.accumulation_steps
         config.optim.learning_rate = smoke.optim.learning_rate
+    if distill:
+        llava_recipes.enable_distillation(config)
     return config

@@ -337,10 +337,11 @@ class Llama(nnx.Module):
 
     def __call__(self, input_ids_bs=None, *, inputs_embeds=None, attention_mask=None, positions=None,
                  caches=None, token_types=None, routing: str = "capacity", attention_probe=None,
-                 last_only: bool = False):
+                 last_only: bool = False, logit_rows=None):
         """(logits [batch, seq, vocab] float32, updated caches, mod_aux); with last_only,
         logits [batch, 1, vocab] at each example's last real token only (prefill: the LM
-        head runs on one row per example).
+        head runs on one row per example); with `logit_rows` [batch, k] (sequence indices),
+        logits [batch, k, vocab] at those rows only (a distillation teacher's answer tokens).
 
         Right padding: `attention_mask` [b, s] marks real tokens; positions default to
         0..s-1 (what HF does for right-padded batches) or, with caches, continue from
@@ -361,6 +362,8 @@ class Llama(nnx.Module):
                                                      attention_probe)
         if last_only:
             hidden = last_valid_rows(hidden, token_valid)[:, None]
+        elif logit_rows is not None:
+            hidden = jnp.take_along_axis(hidden, logit_rows[..., None], axis=1)
         logits = constrain(self.lm_head(hidden).astype(jnp.float32), ("batch", "length", "vocab"))
         return logits, caches, mod_aux
 

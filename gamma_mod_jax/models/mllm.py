@@ -34,6 +34,21 @@ class MLLMOutput:
     # γ-MoD statistics stacked over MoD layers ({} for a dense model): routing_loss [n_mod]
     # (unscaled), selected [n_mod, b, L], skip_ratio and skip_<type> [n_mod].
     mod_aux: dict = struct.field(default_factory=dict)
+    # With `answer_rows=k`: logits are [b, k, vocab] at these spliced positions only
+    # (answer_positions), valid where answer_valid.
+    answer_positions: Optional[jax.Array] = None
+    answer_valid: Optional[jax.Array] = None
+
+
+def answer_positions(labels_bL, k: int):
+    """The first k positions p whose next label (p + 1) is supervised (not IGNORE_INDEX), in
+    order: the rows that predict answer tokens under LLaVA's shifted LM loss. Returns
+    (positions [b, k] int32, valid [b, k]); rows past an example's count are 0 and invalid."""
+    target = jnp.concatenate([labels_bL[:, 1:] != IGNORE_INDEX, jnp.zeros_like(labels_bL[:, :1], bool)], axis=1)
+    # A stable sort of "not a target" puts the target positions first, in order.
+    order = jnp.argsort(~target, axis=1, stable=True)[:, :k].astype(jnp.int32)
+    valid = jnp.arange(k)[None, :] < jnp.sum(target, axis=1, keepdims=True)
+    return jnp.where(valid, order, 0), valid
 
 
 def _is_concrete(x) -> bool:
@@ -131,17 +146,24 @@ class LlavaModel(nnx.Module):
         return embeds, layout.valid, types, labels
 
     def __call__(self, input_ids, attention_mask, pixel_values, token_types=None, labels=None,
-                 routing: str = "capacity") -> MLLMOutput:
+                 routing: str = "capacity", answer_rows: Optional[int] = None) -> MLLMOutput:
         """Full forward over a right-padded batch. input_ids/attention_mask/token_types/labels:
         [b, t] text-level; pixel_values [b, S, S, 3]. Positions are 0..L-1 like LLaVA.
         routing ('capacity' for training, 'threshold' for the official inference rule)
-        matters only for γ-MoD models."""
+        matters only for γ-MoD models. answer_rows=k (static, needs labels): the LM head runs
+        only on the first k positions that predict an answer token (`answer_positions`), so
+        no logits exist for the others; logits [b, k, vocab]."""
         embeds, valid, types, labels = self.embed_multimodal(input_ids, attention_mask, pixel_values,
                                                              token_types, labels)
+        positions = rows_valid = None
+        if answer_rows is not None:
+            if labels is None:
+                raise ValueError("answer_rows needs labels (they mark the answer tokens)")
+            positions, rows_valid = answer_positions(labels, answer_rows)
         logits, _, mod_aux = self.llm(inputs_embeds=embeds, attention_mask=valid, token_types=types,
-                                      routing=routing)
+                                      routing=routing, logit_rows=positions)
         return MLLMOutput(logits=logits, token_types=types, attention_mask=valid.astype(jnp.int32), labels=labels,
-                          mod_aux=mod_aux)
+                          mod_aux=mod_aux, answer_positions=positions, answer_valid=rows_valid)
 
     @property
     def inference_routing(self) -> str:

@@ -12,7 +12,7 @@ averaged with pmean, so both compute the same update as one device on the whole 
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import flax.struct
 import jax
@@ -22,6 +22,8 @@ from flax import nnx
 
 from gamma_mod_jax import token_types as tt
 from gamma_mod_jax.mod.routing import total_routing_loss
+from gamma_mod_jax.models.mllm import answer_positions
+from gamma_mod_jax.train.distill import DistillSpec, teacher_answer_logits, tempered_kl, top1_matches
 
 IGNORE_INDEX = -100
 BATCH_KEYS = ("input_ids", "attention_mask", "pixel_values", "token_types", "labels")
@@ -64,13 +66,17 @@ def init_train_state(params, tx) -> TrainState:
     return jax.tree.map(lambda x: jnp.array(x, copy=True), state)
 
 
-def loss_and_metrics(params, graphdef, rest, batch, axis_name=None) -> tuple:
+def loss_and_metrics(params, graphdef, rest, batch, axis_name=None, distill: Optional[DistillSpec] = None,
+                     teacher=None) -> tuple:
     """(objective, metrics) of one batch. Without `axis_name` the batch is the global
     batch (jit: a sharded global array). With it (pmap) the batch is this device's part
     of the global batch and the objective is this device's share, scaled so that its
     mean over the devices (and the mean of its gradients, jax.lax.pmean) is the global
     batch's loss: the LM loss is normalised by the global count of supervised tokens,
-    as one large batch would be. Metrics are then global values on every device."""
+    as one large batch would be. Metrics are then global values on every device.
+    `distill` and `teacher` (the teacher's answer logits and their validity, from
+    distill.teacher_answer_logits): the objective adds distill.coef x the tempered KL on
+    the answer tokens, normalised like the LM loss (see gamma_mod_jax/train/distill.py)."""
     model = nnx.merge(graphdef, params, rest)
     out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch.get("token_types"),
                 batch["labels"], routing="capacity")
@@ -102,7 +108,34 @@ def loss_and_metrics(params, graphdef, rest, batch, axis_name=None) -> tuple:
     if mod is None:
         metrics["skip_ratio"] = jnp.float32(0.0)
     metrics["loss"] = metrics["lm_loss"] + metrics["routing_loss"]
+    if distill is not None:
+        term, distill_metrics = _distill_term(out, teacher, distill, axis_name)
+        objective = objective + distill.coef * term
+        metrics.update(distill_metrics)
+        metrics["loss"] = metrics["loss"] + distill.coef * metrics["distill_loss"]
     return objective, metrics
+
+
+def _distill_term(out, teacher, distill: DistillSpec, axis_name) -> tuple:
+    """The KL term of the objective (this device's share under pmap, as the LM loss) and
+    the metrics distill_loss (T^2-scaled mean KL over answer tokens), teacher_agreement
+    (top-1 match rate of teacher and student there) and distill_tokens."""
+    teacher_logits, teacher_valid = teacher
+    positions, student_valid = answer_positions(out.labels, teacher_logits.shape[1])
+    student_logits = jnp.take_along_axis(out.logits, positions[..., None], axis=1)    # [b, k, vocab]
+    mask = student_valid & teacher_valid
+    kl_sum, count = tempered_kl(teacher_logits, student_logits, mask, distill.temperature, distill.kl)
+    matches = top1_matches(teacher_logits, jax.lax.stop_gradient(student_logits), mask)
+    if axis_name is None:
+        term = kl_sum / jnp.maximum(count, 1)
+        return term, {"distill_loss": term, "teacher_agreement": matches / jnp.maximum(count, 1),
+                      "distill_tokens": count}
+    total = jax.lax.psum(count, axis_name)
+    share = kl_sum / jnp.maximum(total, 1)
+    devices = jax.lax.psum(1, axis_name)
+    return devices * share, {"distill_loss": jax.lax.psum(jax.lax.stop_gradient(share), axis_name),
+                             "teacher_agreement": jax.lax.psum(matches, axis_name) / jnp.maximum(total, 1),
+                             "distill_tokens": total}
 
 
 def _global_skip_metrics(selected_nbs, token_types_bs, axis_name) -> Dict[str, jax.Array]:
@@ -140,7 +173,8 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
-def train_step(state: TrainState, batch, *, graphdef, rest, tx, axis_name=None, trainable=None) -> tuple:
+def train_step(state: TrainState, batch, teacher_params=None, *, graphdef, rest, tx, axis_name=None, trainable=None,
+               distill: Optional[DistillSpec] = None) -> tuple:
     """One micro-batch: gradients, the optimizer update, a non-finite guard. Returns
     (new state, metrics). The update is applied only when the loss, the gradients, the
     update and the new parameters and optimizer state are all finite; otherwise
@@ -152,9 +186,12 @@ def train_step(state: TrainState, batch, *, graphdef, rest, tx, axis_name=None, 
     `axis_name`: under jax.pmap, the mapped axis; gradients are averaged over it (see
     loss_and_metrics). `trainable`: optional pytree of Python bools like params (the
     freeze rules' mask); frozen parameters get no gradient computation (their optimizer
-    updates are zero either way)."""
+    updates are zero either way). `distill` with `teacher_params`: the frozen teacher runs
+    forward once, outside the differentiated function (no teacher gradients exist), and
+    its answer logits enter the objective (see loss_and_metrics)."""
+    teacher = None if distill is None else teacher_answer_logits(distill, teacher_params, batch)
     objective = lambda params: loss_and_metrics(_frozen_as_constants(params, trainable), graphdef, rest, batch,
-                                                axis_name)
+                                                axis_name, distill, teacher)
     (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
     if axis_name is not None:
         grads = jax.lax.pmean(grads, axis_name)

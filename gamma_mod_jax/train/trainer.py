@@ -55,6 +55,7 @@ from gamma_mod_jax.parallel import data_parallel
 from gamma_mod_jax.parallel.activations import activation_sharding
 from gamma_mod_jax.parallel.mesh import DEFAULT_MESH, describe, make_mesh
 from gamma_mod_jax.parallel.sharding import BatchPlacer, like_params, param_shardings, place, replicated
+from gamma_mod_jax.train.distill import load_teacher
 from gamma_mod_jax.train.metrics import MetricsWriter
 from gamma_mod_jax.train.model_init import (check_training_config, model_for_training, write_final_model,  # noqa: F401
                                             write_model_config)
@@ -372,7 +373,7 @@ class _PjitRunner:
     donated, batches as global arrays sharded over the batch axes."""
 
     def __init__(self, config, graphdef, rest, tx, params, log, devices=None, trainable=None,
-                 image_token_index=None):
+                 image_token_index=None, teacher=None):
         self.mesh = make_mesh(config.get("mesh") or DEFAULT_MESH, devices)
         rules = sharding_rules(config)
         self.replicated = replicated(self.mesh)
@@ -381,13 +382,18 @@ class _PjitRunner:
         self.state = jax.jit(lambda p: init_train_state(p, tx), out_shardings=self.shardings)(
             place(params, self.shardings.params))
         step = _normalising_pixels(functools.partial(train_step, graphdef=graphdef, rest=rest, tx=tx,
-                                                     trainable=trainable), image_token_index)
+                                                     trainable=trainable, distill=teacher and teacher.spec),
+                                   image_token_index)
 
-        def constrained_step(state, batch):
+        def constrained_step(state, batch, teacher_params):
             # Traced inside the context: the model's activation constraints use this mesh and rules.
             with activation_sharding(self.mesh, rules):
-                return step(state, batch)
+                return step(state, batch, teacher_params)
         self._step = constrained_step
+        # A distillation teacher: parameters sharded by the same logical rules, a step
+        # argument that is neither differentiated nor donated.
+        self.teacher_shardings = teacher and param_shardings(teacher.params, self.mesh, rules, log=log)
+        self.teacher_params = teacher and place(teacher.params, self.teacher_shardings)
         self._compiled = {}
         per_device = sum(_shard_bytes(x) for x in jax.tree.leaves(self.state))
         total = sum(x.nbytes for x in jax.tree.leaves(self.state))
@@ -408,9 +414,9 @@ class _PjitRunner:
         size = batch["input_ids"].shape[0]
         if size not in self._compiled:
             in_batch = {k: v.sharding for k, v in batch.items()}
-            self._compiled[size] = jax.jit(self._step, in_shardings=(self.shardings, in_batch),
+            self._compiled[size] = jax.jit(self._step, in_shardings=(self.shardings, in_batch, self.teacher_shardings),
                                            out_shardings=(self.shardings, self.replicated), donate_argnums=0)
-        return self._compiled[size](state, batch)
+        return self._compiled[size](state, batch, self.teacher_params)
 
     def abstract_checkpoint(self):
         return self.abstract
@@ -431,7 +437,7 @@ class _PmapRunner:
     replicated state, gradients averaged with pmean (see train.step)."""
 
     def __init__(self, config, graphdef, rest, tx, params, log, devices=None, trainable=None,
-                 image_token_index=None):
+                 image_token_index=None, teacher=None):
         if devices is not None and len(devices) != jax.device_count():
             raise ValueError("pmap runs on every local device of every process")
         self.mesh = make_mesh(DEFAULT_MESH)  # checkpoints: global arrays replicated on every device
@@ -439,8 +445,10 @@ class _PmapRunner:
         self.abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=replicated(self.mesh)), self.state)
         step = _normalising_pixels(functools.partial(train_step, graphdef=graphdef, rest=rest, tx=tx,
-                                                     axis_name=data_parallel.AXIS, trainable=trainable),
+                                                     axis_name=data_parallel.AXIS, trainable=trainable,
+                                                     distill=teacher and teacher.spec),
                                    image_token_index)
+        self.teacher_params = teacher and data_parallel.replicate(teacher.params)
         self._step = jax.pmap(step, axis_name=data_parallel.AXIS, donate_argnums=0)
         if config.get("mesh") and dict(config.mesh) != DEFAULT_MESH:
             log(f"parallelism: pmap ignores config.mesh {dict(config.mesh)}")
@@ -454,7 +462,7 @@ class _PmapRunner:
         return self.run(state, self.put(batch))
 
     def run(self, state, batch):
-        return self._step(state, batch)
+        return self._step(state, batch, self.teacher_params)
 
     def abstract_checkpoint(self):
         return self.abstract
@@ -476,19 +484,21 @@ def _shard_bytes(x) -> int:
 
 
 def make_step_runner(config, graphdef, rest, tx, params, log=print, *, devices=None, trainable=None,
-                     image_token_index=None):
+                     image_token_index=None, teacher=None):
     """The step runner `config.parallelism` asks for: `.state` (the initial train state,
     placed), `.step(state, host_batch) -> (state, metrics)` (= `.run(state, .put(host_batch))`:
     placing a batch on the devices and running the step, separately), checkpoint conversions.
     `devices`: the mesh's devices (default: all). `trainable`: the freeze rules' mask
     (frozen parameters get no gradients computed). `image_token_index`: the model's image
     placeholder id; with it, uint8 pixel_values (data.uint8_pixels) are normalised on the
-    device, rows without a placeholder to zeros as the host path's text-only rows."""
+    device, rows without a placeholder to zeros as the host path's text-only rows. `teacher`:
+    a distill.Teacher (its parameters placed beside the state, outside it: not optimised,
+    not checkpointed)."""
     kind = config.get("parallelism") or "pjit"
     if kind not in PARALLELISMS:
         raise ValueError(f"config.parallelism must be one of {PARALLELISMS}, got {kind!r}")
     return (_PjitRunner if kind == "pjit" else _PmapRunner)(config, graphdef, rest, tx, params, log, devices,
-                                                            trainable, image_token_index)
+                                                            trainable, image_token_index, teacher)
 
 
 def _normalising_pixels(step, image_token_index):
@@ -497,13 +507,13 @@ def _normalising_pixels(step, image_token_index):
     if image_token_index is None:
         return step
 
-    def run(state, batch):
+    def run(state, batch, *rest):
         if batch["pixel_values"].dtype == jnp.uint8:  # static: decided when the step is traced
             from gamma_mod_jax.data.image import normalise_on_device
 
             has_image = jnp.any(batch["input_ids"] == image_token_index, axis=1)
             batch = dict(batch, pixel_values=normalise_on_device(batch["pixel_values"], has_image))
-        return step(state, batch)
+        return step(state, batch, *rest)
     return run
 
 
@@ -564,12 +574,13 @@ def train(config, workdir: str, *, make_data_iterator: Optional[Callable] = None
     trained, total = count_trainable(params, mask)
     info(f"parameters: {trained:,} trained of {total:,}")
     image_token_index = model.config.image_token_index
+    teacher = load_teacher(config, model.config, log=info)  # None unless config.distill.coef > 0
     runner = make_step_runner(config, graphdef, rest, tx, params, info, trainable=mask,
-                              image_token_index=image_token_index)
+                              image_token_index=image_token_index, teacher=teacher)
     state = runner.state
     runner.state = None
     model_cfg = model.config
-    del params, model
+    del params, model, teacher
 
     if make_data_iterator is None:
         from gamma_mod_jax.data.pipeline import make_train_iterator_from_config as make_data_iterator
