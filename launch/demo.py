@@ -235,13 +235,69 @@ def _pretrain_vision(config, model_cfg, demo, out: str, *, quick: bool) -> dict:
     return report
 
 
+def _spread(values, digits: int = 3) -> str:
+    """mean ± standard deviation [lowest, highest] (population std: the runs are all there is)."""
+    v = np.asarray(values, np.float64)
+    return f"{v.mean():.{digits}f} ± {v.std():.{digits}f} [{v.min():.{digits}f}, {v.max():.{digits}f}]"
+
+
+def summarize(reports) -> str:
+    """The README's demo figures from several runs' report.json (one per seed): the table rows,
+    the layer choices, the time per stage, and whether each run met the targets."""
+    d = [r["dense"]["accuracy"] for r in reports]
+    g = [r["gamma_mod"]["accuracy"] for r in reports]
+    lines = [f"seeds {[r.get('seed') for r in reports]}" + (" (--quick runs: not the README's figures)"
+                                                          if any(r["quick"] for r in reports) else ""),
+             "| model | easy-VQA accuracy | skip ratio (inference) | TFLOPs (paper convention, "
+             f"{reports[0]['sequence_length']} tokens) | prefill speed-up, batch 64 |", "|---|---|---|---|---|",
+             f"| dense | {_spread(d)} | - | {_spread([r['tflops_dense'] for r in reports], 6)} | 1 |",
+             f"| γ-MoD (ratio {reports[0]['gamma_mod']['routing_ratio']}) | {_spread(g)} | "
+             f"{_spread([r['gamma_mod']['skip_ratio'] for r in reports])} | "
+             f"{_spread([r['tflops_gamma_mod'] for r in reports], 6)} | "
+             f"{_spread([r['prefill_speedup'] for r in reports], 2)} |", "",
+             f"γ-MoD - dense: {_spread(np.subtract(g, d))}",
+             "γ-MoD layers: " + "; ".join(f"seed {r.get('seed')}: {r['gamma_mod']['mod_layers']}" for r in reports),
+             f"seconds in all: {_spread([r['seconds'] for r in reports], 0)}; CPU seconds "
+             f"{_spread([r['cpu_seconds'] for r in reports], 0)}"]
+    for i, stage in enumerate(reports[0]["stages"]):
+        lines.append(f"  {stage['name']}: {_spread([r['stages'][i]['seconds'] for r in reports], 0)} s, CPU "
+                     f"{_spread([r['stages'][i]['cpu_seconds'] for r in reports], 0)} s")
+    for r in reports:
+        met = {"dense >= 0.92": r["dense"]["accuracy"] >= 0.92,
+               "γ-MoD >= dense - 0.015": r["gamma_mod"]["accuracy"] >= r["dense"]["accuracy"] - 0.015,
+               "skip >= 0.3": r["gamma_mod"]["skip_ratio"] >= 0.3, "prefill speed-up > 1": r["prefill_speedup"] > 1,
+               "under 900 s": r["seconds"] < 900}
+        missed = [k for k, ok in met.items() if not ok]
+        lines.append(f"seed {r.get('seed')}: " + ("every target met" if not missed else "missed " + ", ".join(missed))
+                     + f" (machine: {r['machine']['cpu']}, {r['machine']['cores']} cores)")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--out", default="out/demo")
+    parser.add_argument("--summarize", nargs="+", metavar="DIR",
+                        help="print the README's figures (mean ± spread) from these demo outputs' report.json")
     parser.add_argument("--quick", action="store_true", help="a few steps per stage (smoke test)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--config", default="configs/demo.py", help="configs/demo.py[:image=..,steps=..]")
     args = parser.parse_args(argv)
+    if args.summarize:
+        reports = []
+        for directory in args.summarize:
+            path = os.path.join(directory, "report.json")
+            try:
+                with open(path) as f:
+                    reports.append(json.load(f))
+            except (OSError, ValueError) as e:
+                print(f"error: {path}: {e}", file=sys.stderr)
+                raise SystemExit(2)
+            if "stages" not in reports[-1]:
+                print(f"error: {path} has no stage times (a demo from before they were recorded)", file=sys.stderr)
+                raise SystemExit(2)
+        text = summarize(reports)
+        print(text)
+        return text
 
     from flax import nnx
 

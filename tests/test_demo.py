@@ -112,3 +112,29 @@ def test_demo_config_overrides():
                        ("steps", "key=value")):
         with pytest.raises(ValueError, match=named):
             load_config(f"configs/demo.py:{bad}")
+
+
+def _report(seed, dense, gamma, seconds):
+    stages = [{"name": "dense_training", "seconds": seconds, "cpu_seconds": 2 * seconds}]
+    return {"seed": seed, "quick": False, "sequence_length": 111, "dense": {"accuracy": dense},
+            "gamma_mod": {"accuracy": gamma, "skip_ratio": 0.46, "routing_ratio": 0.5, "mod_layers": [1, 2, 3, 5]},
+            "tflops_dense": 2e-4, "tflops_gamma_mod": 1e-4, "prefill_speedup": 1.3, "seconds": seconds,
+            "cpu_seconds": 2 * seconds, "stages": stages, "machine": {"cpu": "test CPU", "cores": 2}}
+
+
+def test_summarize_gives_mean_spread_and_targets(tmp_path, capsys):
+    reports = [_report(0, 0.90, 0.91, 600.0), _report(1, 0.94, 0.93, 700.0), _report(2, 0.95, 0.945, 950.0)]
+    for r in reports:
+        (tmp_path / f"s{r['seed']}").mkdir()
+        (tmp_path / f"s{r['seed']}" / "report.json").write_text(json.dumps(r))
+    text = demo.main(["--summarize"] + [str(tmp_path / f"s{i}") for i in range(3)])
+    # mean 0.93; deviations -0.03, 0.01, 0.02: std sqrt(0.0014 / 3) = 0.0216
+    assert "| dense | 0.930 ± 0.022 [0.900, 0.950] |" in text
+    assert "seconds in all: 750 ± 147 [600, 950]" in text  # sqrt(((150)^2 + 50^2 + 200^2) / 3) = 147.2
+    assert "seed 0: missed dense >= 0.92 (machine: test CPU, 2 cores)" in text
+    assert "seed 1: every target met" in text
+    assert "seed 2: missed under 900 s" in text
+    assert text in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--summarize", str(tmp_path / "absent")])
+    assert exit_info.value.code == 2 and "absent/report.json" in capsys.readouterr().err
