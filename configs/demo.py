@@ -69,7 +69,8 @@ def get_config(arg=None):
     # quarter of the pixels. CLIP at 32 px in 4-px patches: an 8x8 grid of 64 image tokens, 64
     # wide, each patch an eighth of the image across. Shapes need that grid (at 64 px, 300
     # pre-training steps: circle / rectangle / triangle told apart on 0.48 of test images with
-    # 4x4 tokens of width 32, 0.64 with 8x8, 0.85 with 8x8 at width 64, 0.92 after 450 steps).
+    # 4x4 tokens of width 32, 0.64 with 8x8, 0.85 with 8x8 at width 64, 0.92 after 450 steps;
+    # at 32 px, 400 steps: shapes 0.959, colours 0.998, seed 0).
     m.input_image_size = 32
     m.clip = dict(m.clip, image_size=32, patch_size=4, hidden_size=64, intermediate_size=128)
     m.llm = dict(m.llm, hidden_size=128, intermediate_size=256, num_hidden_layers=6, num_attention_heads=4,
