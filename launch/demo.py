@@ -9,7 +9,13 @@
 5. adapts the dense model to γ-MoD (shared router, the other layers routed) and fine-tunes it,
 6. evaluates the γ-MoD model, times prefill dense vs γ-MoD, counts FLOPs,
 and writes `<out>/report.json`, `<out>/report.md` and PNG plots (loss curves, ARank per
-layer, skip ratio per layer). `--quick` runs a few steps of each stage (a smoke test).
+layer, skip ratio per layer). Each stage prints an estimate of the time left (the reference
+machine's stage times, configs/demo.py `demo.reference_seconds`, scaled by how fast the
+stages so far ran here); the report names the machine and each stage's wall and CPU seconds.
+`--quick` runs a few steps of each stage (a first look, a smoke test): its figures are not
+the README's, and its output and report say so. `--seed` sets every seed (model init, data
+order, vision pre-training); the same seed on the same machine gives the same accuracies
+and layer choices.
 """
 
 from __future__ import annotations
@@ -24,8 +30,77 @@ import time
 
 import numpy as np
 
+QUICK_NOTE = ("--quick: a few steps per stage, for a first look; these figures are not the README's "
+              "(run `make demo` for those)")
 REPORT_KEYS = ("dense.accuracy", "gamma_mod.accuracy", "gamma_mod.skip_ratio", "prefill_speedup", "tflops_dense",
                "tflops_gamma_mod")
+
+
+def machine_info() -> dict:
+    """What the timings were measured on: CPU model, cores usable, JAX backend and devices."""
+    import platform
+
+    import jax
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": cpu, "cores": cores, "jax_backend": jax.default_backend(),
+            "jax_devices": [str(d) for d in jax.devices()], "jax_version": jax.__version__,
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+class StageClock:
+    """Wall and CPU seconds per stage, and an estimate of the time left at each stage start.
+
+    `plan` lists (stage name, reference seconds): the stage's time on the reference machine
+    (configs/demo.py `demo.reference_seconds`, per step times the step counts). The estimate
+    scales the remaining stages' reference seconds by how long the finished stages took
+    here against their reference (1 before any stage finished)."""
+
+    def __init__(self, plan, log=print):
+        self.plan = list(plan)
+        self.log = log
+        self.stages = []
+        self._current = None
+        self._started = time.perf_counter()
+
+    def speed(self) -> float:
+        done = [(s["seconds"], s["reference_seconds"]) for s in self.stages if s["reference_seconds"] > 0]
+        ref = sum(r for _, r in done)
+        return sum(t for t, _ in done) / ref if ref > 0 else 1.0
+
+    def estimate_left(self, from_index: int) -> float:
+        return self.speed() * sum(r for _, r in self.plan[from_index:])
+
+    def start(self, index: int, text: str) -> None:
+        self.finish()
+        name, reference = self.plan[index]
+        elapsed = time.perf_counter() - self._started
+        scale = self.speed()
+        basis = (f"reference times x {scale:.2f}, the speed measured so far" if self.stages
+                 else "reference machine's times")
+        self.log(f"\n== {text} ({elapsed:.0f} s in; this stage ~{scale * reference:.0f} s, "
+                 f"~{self.estimate_left(index):.0f} s left in all: {basis})", flush=True)
+        self._current = {"name": name, "reference_seconds": reference, "wall": time.perf_counter(),
+                         "cpu": time.process_time()}
+
+    def finish(self) -> None:
+        if self._current is not None:
+            c = self._current
+            self.stages.append({"name": c["name"], "seconds": round(time.perf_counter() - c["wall"], 2),
+                                "cpu_seconds": round(time.process_time() - c["cpu"], 2),
+                                "reference_seconds": c["reference_seconds"]})
+            self._current = None
+
+    def total(self) -> dict:
+        return {"seconds": round(time.perf_counter() - self._started, 2),
+                "cpu_seconds": round(sum(s["cpu_seconds"] for s in self.stages), 2)}
 
 
 def _prepare_out(out: str) -> None:
@@ -160,13 +235,69 @@ def _pretrain_vision(config, model_cfg, demo, out: str, *, quick: bool) -> dict:
     return report
 
 
+def _spread(values, digits: int = 3) -> str:
+    """mean ± standard deviation [lowest, highest] (population std: the runs are all there is)."""
+    v = np.asarray(values, np.float64)
+    return f"{v.mean():.{digits}f} ± {v.std():.{digits}f} [{v.min():.{digits}f}, {v.max():.{digits}f}]"
+
+
+def summarize(reports) -> str:
+    """The README's demo figures from several runs' report.json (one per seed): the table rows,
+    the layer choices, the time per stage, and whether each run met the targets."""
+    d = [r["dense"]["accuracy"] for r in reports]
+    g = [r["gamma_mod"]["accuracy"] for r in reports]
+    lines = [f"seeds {[r.get('seed') for r in reports]}" + (" (--quick runs: not the README's figures)"
+                                                          if any(r["quick"] for r in reports) else ""),
+             "| model | easy-VQA accuracy | skip ratio (inference) | TFLOPs (paper convention, "
+             f"{reports[0]['sequence_length']} tokens) | prefill speed-up, batch 64 |", "|---|---|---|---|---|",
+             f"| dense | {_spread(d)} | - | {_spread([r['tflops_dense'] for r in reports], 6)} | 1 |",
+             f"| γ-MoD (ratio {reports[0]['gamma_mod']['routing_ratio']}) | {_spread(g)} | "
+             f"{_spread([r['gamma_mod']['skip_ratio'] for r in reports])} | "
+             f"{_spread([r['tflops_gamma_mod'] for r in reports], 6)} | "
+             f"{_spread([r['prefill_speedup'] for r in reports], 2)} |", "",
+             f"γ-MoD - dense: {_spread(np.subtract(g, d))}",
+             "γ-MoD layers: " + "; ".join(f"seed {r.get('seed')}: {r['gamma_mod']['mod_layers']}" for r in reports),
+             f"seconds in all: {_spread([r['seconds'] for r in reports], 0)}; CPU seconds "
+             f"{_spread([r['cpu_seconds'] for r in reports], 0)}"]
+    for i, stage in enumerate(reports[0]["stages"]):
+        lines.append(f"  {stage['name']}: {_spread([r['stages'][i]['seconds'] for r in reports], 0)} s, CPU "
+                     f"{_spread([r['stages'][i]['cpu_seconds'] for r in reports], 0)} s")
+    for r in reports:
+        met = {"dense >= 0.92": r["dense"]["accuracy"] >= 0.92,
+               "γ-MoD >= dense - 0.015": r["gamma_mod"]["accuracy"] >= r["dense"]["accuracy"] - 0.015,
+               "skip >= 0.3": r["gamma_mod"]["skip_ratio"] >= 0.3, "prefill speed-up > 1": r["prefill_speedup"] > 1,
+               "under 900 s": r["seconds"] < 900}
+        missed = [k for k, ok in met.items() if not ok]
+        lines.append(f"seed {r.get('seed')}: " + ("every target met" if not missed else "missed " + ", ".join(missed))
+                     + f" (machine: {r['machine']['cpu']}, {r['machine']['cores']} cores)")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--out", default="out/demo")
+    parser.add_argument("--summarize", nargs="+", metavar="DIR",
+                        help="print the README's figures (mean ± spread) from these demo outputs' report.json")
     parser.add_argument("--quick", action="store_true", help="a few steps per stage (smoke test)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--config", default="configs/demo.py", help="configs/demo.py[:image=..,steps=..]")
     args = parser.parse_args(argv)
+    if args.summarize:
+        reports = []
+        for directory in args.summarize:
+            path = os.path.join(directory, "report.json")
+            try:
+                with open(path) as f:
+                    reports.append(json.load(f))
+            except (OSError, ValueError) as e:
+                print(f"error: {path}: {e}", file=sys.stderr)
+                raise SystemExit(2)
+            if "stages" not in reports[-1]:
+                print(f"error: {path} has no stage times (a demo from before they were recorded)", file=sys.stderr)
+                raise SystemExit(2)
+        text = summarize(reports)
+        print(text)
+        return text
 
     from flax import nnx
 
@@ -185,27 +316,28 @@ def main(argv=None):
     from gamma_mod_jax.train.trainer import train
     from launch.arank import plot_arank, write_json_atomic
 
-    started = time.perf_counter()
     out = args.out
-    _prepare_out(out)
-    stage = lambda text: print(f"\n== {text} ({time.perf_counter() - started:.0f} s)", flush=True)
-
-    stage("tokenizer and data")
-    tokenizer_dir = os.path.join(out, "tokenizer")
-    build_word_tokenizer(easy_vqa_vocabulary(), tokenizer_dir)
-    tokenizer = load_tokenizer(tokenizer_dir)
     config = load_config(args.config)
     demo = config.demo
     config.seed = args.seed
-    config.model.llm = dict(config.model.llm, vocab_size=-(-len(tokenizer) // 8) * 8)
-    config.data.tokenizer_path = tokenizer_dir
     if args.quick:
         config.train.num_steps = 4
         config.train.log_every = 1
+        demo.vision_steps = min(demo.vision_steps, 2)
         demo.mod_steps = 3
         demo.eval_examples = 32
         demo.eval_batch_size = 16
         demo.arank_batches = 1
+    _prepare_out(out)
+    if args.quick:
+        print(QUICK_NOTE, flush=True)
+    clock = StageClock(stage_plan(config))
+    clock.start(0, "tokenizer and data")
+    tokenizer_dir = os.path.join(out, "tokenizer")
+    build_word_tokenizer(easy_vqa_vocabulary(), tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    config.model.llm = dict(config.model.llm, vocab_size=-(-len(tokenizer) // 8) * 8)
+    config.data.tokenizer_path = tokenizer_dir
     model_cfg = gm.model_config(config.model)
     sample = next(make_eval_examples(config.data, tokenizer=tokenizer, image_size=model_cfg.input_image_size))
     system_tokens = int(np.sum(sample["token_types"] == 2))
@@ -223,24 +355,24 @@ def main(argv=None):
 
     vision_report = None
     if demo.vision_steps > 0:
-        stage(f"0/5 vision pre-training (colour and shape classification): {demo.vision_steps} steps")
+        clock.start(1, f"0/5 vision pre-training (colour and shape classification): {demo.vision_steps} steps")
         vision_report = _pretrain_vision(config, model_cfg, demo, out, quick=args.quick)
         config.init_checkpoint = os.path.join(out, "vision_pretrained")
         print(f"vision pre-training: test accuracy colour {vision_report['accuracy'][0]:.3f}, "
               f"shape {vision_report['accuracy'][1]:.3f} ({vision_report['seconds']:.0f} s)")
 
-    stage(f"1/5 dense training: {config.train.num_steps} steps of {config.data.batch_size}")
+    clock.start(2, f"1/5 dense training: {config.train.num_steps} steps of {config.data.batch_size}")
     dense_run = train(config, os.path.join(out, "dense"))
     dense = nnx.merge(dense_run["graphdef"], dense_run["state"].params, dense_run["rest"])
     dense_dir = os.path.join(out, "dense_model")
     save_checkpoint(dense_dir, dense)
 
-    stage(f"2/5 dense evaluation on {demo.eval_examples} test questions")
+    clock.start(3, f"2/5 dense evaluation on {demo.eval_examples} test questions")
     dense_eval = evaluate_vqa(dense, test_examples, tokenizer, batch_size=demo.eval_batch_size,
                               buckets=eval_buckets, max_new_tokens=demo.max_new_tokens)
     print(f"dense accuracy {dense_eval['accuracy']:.3f}")
 
-    stage("3/5 ARank per layer on training samples")
+    clock.start(4, "3/5 ARank per layer on training samples")
     batches = make_train_iterator(config.data, tokenizer=tokenizer, image_size=model_cfg.input_image_size,
                                   seed=args.seed + 1)
     arank_batches = [next(batches) for _ in range(demo.arank_batches)]
@@ -254,18 +386,19 @@ def main(argv=None):
     print(f"ARank per layer {[round(s['mean'], 2) for s in stats]}: dense {report_arank['dense_layers']}, "
           f"γ-MoD {list(mod_layers)}")
 
-    stage(f"4/5 γ-MoD fine-tuning: {demo.mod_steps} steps, routing ratio {demo.routing_ratio}")
+    clock.start(5, f"4/5 γ-MoD fine-tuning: {demo.mod_steps} steps, routing ratio {demo.routing_ratio}")
     mod_config = config.copy_and_resolve_references()
     mod_config.model.mod = dict(layers=mod_layers, routing_ratio=demo.routing_ratio, system_tokens=system_tokens,
                                 inference=demo.inference)
     mod_config.init_checkpoint = dense_dir
     mod_config.train.num_steps = demo.mod_steps
     mod_config.optim.learning_rate = demo.mod_learning_rate
+    mod_config.data.update(demo.mod_data.to_dict())
     gamma_run = train(mod_config, os.path.join(out, "gamma_mod"))
     gamma = nnx.merge(gamma_run["graphdef"], gamma_run["state"].params, gamma_run["rest"])
     save_checkpoint(os.path.join(out, "gamma_mod_model"), gamma)
 
-    stage("5/5 γ-MoD evaluation, prefill timing, FLOPs")
+    clock.start(6, "5/5 γ-MoD evaluation, prefill timing, FLOPs")
     gamma_eval = evaluate_vqa(gamma, test_examples, tokenizer, batch_size=demo.eval_batch_size,
                               buckets=eval_buckets, max_new_tokens=demo.max_new_tokens)
     timing_batch = collate_prompts(test_examples[: demo.eval_batch_size], batch_size=demo.eval_batch_size,
@@ -300,17 +433,23 @@ def main(argv=None):
         "prefill_speedup": dense_s / gamma_s,
         "tflops_dense": tflops_dense, "tflops_gamma_mod": tflops_gamma,
         "flops_ideal_speedup": tflops_dense / tflops_gamma if tflops_gamma else None,
-        "sequence_length": seq_len, "quick": args.quick, "seconds": time.perf_counter() - started,
+        "sequence_length": seq_len, "quick": args.quick, "seed": args.seed,
         "examples": gamma_eval["predictions"][:8],
         "arank_tie_break": report_arank.get("tie_break"),
     }
+    if args.quick:
+        report["note"] = QUICK_NOTE
     report["table"] = vqa_table([("dense", dense_eval, tflops_dense, None), ("γ-MoD", gamma_eval, tflops_gamma, skip)])
-    write_json_atomic(os.path.join(out, "report.json"), report)
     plots = [_plot_losses(out, {"dense": os.path.join(out, "dense"), "γ-MoD": os.path.join(out, "gamma_mod")}),
              os.path.join(out, "arank.png")]
     if isinstance(last.get("skip_ratio_per_layer"), list):
         plots.append(_plot_skip(out, mod_layers, last["skip_ratio_per_layer"]))
     plots.append(_plot_routing(out, maps, images, mod_layers, [e["question"] for e in shown]))
+    clock.finish()
+    report["machine"] = machine_info()
+    report["stages"] = clock.stages
+    report.update(clock.total())
+    write_json_atomic(os.path.join(out, "report.json"), report)
     _write_markdown(out, report, plots)
     rows = [("dense", report["dense"]["accuracy"], "-", f"{tflops_dense:.6f}", f"{dense_s * 1e3:.1f}"),
             ("γ-MoD", report["gamma_mod"]["accuracy"], f"{skip:.3f}", f"{tflops_gamma:.6f}", f"{gamma_s * 1e3:.1f}")]
@@ -320,7 +459,29 @@ def main(argv=None):
     print("\n" + report["table"])
     print(f"prefill speed-up {report['prefill_speedup']:.2f} (FLOPs-ideal {report['flops_ideal_speedup']:.2f}); "
           f"report: {os.path.join(out, 'report.md')}")
+    print(_timing_line(report))
+    if args.quick:
+        print(QUICK_NOTE)
     return report
+
+
+def stage_plan(config) -> list:
+    """(stage name, reference seconds) of the demo's stages at `config`'s step counts."""
+    ref, demo = config.demo.reference_seconds, config.demo
+    vision = ref.vision_compile + demo.vision_steps * ref.vision_step if demo.vision_steps > 0 else 0.0
+    evaluate = ref.eval_compile + demo.eval_examples * ref.eval_example
+    return [("setup", ref.setup), ("vision_pretraining", vision),
+            ("dense_training", ref.train_compile + config.train.num_steps * ref.dense_step),
+            ("dense_evaluation", evaluate), ("arank", ref.arank),
+            ("gamma_mod_training", ref.train_compile + demo.mod_steps * ref.mod_step),
+            ("gamma_mod_evaluation", evaluate + ref.report)]
+
+
+def _timing_line(report: dict) -> str:
+    m = report["machine"]
+    stages = ", ".join(f"{s['name']} {s['seconds']:.0f} s" for s in report["stages"])
+    return (f"{report['seconds']:.0f} s in all ({report['cpu_seconds']:.0f} CPU s) on {m['cpu']}, {m['cores']} cores, "
+            f"jax {m['jax_backend']}: {stages}")
 
 
 def _write_markdown(out: str, report: dict, plots) -> None:
@@ -337,9 +498,16 @@ def _write_markdown(out: str, report: dict, plots) -> None:
         f"{report['prefill_ms_gamma_mod']:.1f} |", "",
         f"- dense layers {g['dense_layers']}, γ-MoD layers {g['mod_layers']}, routing ratio {g['routing_ratio']}",
         f"- prefill speed-up {report['prefill_speedup']:.2f}, FLOPs-ideal {report['flops_ideal_speedup']:.2f}",
-        f"- {d['num_examples']} test questions, {report['seconds']:.0f} s in all"
-        + (" (--quick: smoke-test lengths, accuracy means nothing)" if report["quick"] else ""), "",
+        f"- {d['num_examples']} test questions, seed {report['seed']}", "",
     ]
+    if report["quick"]:
+        lines = lines[:2] + [f"**{QUICK_NOTE}**", ""] + lines[2:]
+    lines += ["## Machine and time", "", f"- {_timing_line(report)}",
+              f"- jax devices {report['machine']['jax_devices']}, jax {report['machine']['jax_version']}, "
+              f"Python {report['machine']['python']}, {report['machine']['platform']}", "",
+              "| stage | seconds | CPU seconds |", "|---|---|---|"]
+    lines += [f"| {s['name']} | {s['seconds']:.1f} | {s['cpu_seconds']:.1f} |" for s in report["stages"]]
+    lines += [""]
     lines += ["In the benchmark table's layout (easy-VQA accuracy in percent, samples/s of generation):", "",
               report["table"]]
     lines += [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
