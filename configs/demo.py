@@ -102,6 +102,9 @@ def get_config(arg=None):
         mod_data=ml_collections.ConfigDict(dict(easy_vqa_questions="all")),
         mod_steps=150, mod_learning_rate=5e-4, routing_ratio=0.5, keep_dense=2, arank_batches=4,
         inference="capacity",  # top-k at inference too (the official threshold rule: "threshold")
+        # A third row: the same γ-MoD fine-tuning (same steps and data) with distillation from
+        # the dense model (config.distill, gamma_mod_jax/train/distill.py); 0 = no such row.
+        distill_coef=1.0, distill_temperature=1.0,
         eval_examples=1024, eval_batch_size=64, max_new_tokens=2,
         eval_buckets=(48,),  # prompt lengths of the single-question test prompts
         # Seconds each stage takes on the reference machine (a quiet 2-core CPU machine): per
@@ -112,7 +115,7 @@ def get_config(arg=None):
         # a quiet machine; this recipe's shorter text bucket: ~159 instead of 191 positions).
         reference_seconds=ml_collections.ConfigDict(dict(
             setup=20.0, vision_compile=40.0, vision_step=0.64, train_compile=30.0, dense_step=0.9, mod_step=0.95,
-            eval_compile=15.0, eval_example=0.02, arank=10.0, report=20.0))))
+            eval_compile=15.0, eval_example=0.02, arank=10.0, report=20.0, distill_step=1.3))))
     for key, value in opts:
         _override(config, key, value)
     return config

@@ -121,14 +121,15 @@ def _plot_losses(out: str, runs: dict) -> str:
     from gamma_mod_jax.train.metrics import read_metrics
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    offset = 0
+    offset = 0  # the fine-tuning runs all start where dense training ended
     for name, workdir in runs.items():
         records = read_metrics(workdir)
         steps = [offset + r["step"] for r in records]
         ax.plot(steps, [r["lm_loss"] for r in records], label=f"{name}: LM loss")
         if name == "γ-MoD":
             ax.plot(steps, [r["routing_loss"] for r in records], label=f"{name}: routing loss", linestyle="--")
-        offset = steps[-1] if steps else offset
+        if name == "dense" and steps:
+            offset = steps[-1]
     ax.set_xlabel("optimizer step (dense training, then γ-MoD fine-tuning)")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
@@ -401,6 +402,20 @@ def main(argv=None):
     clock.start(6, "5/5 γ-MoD evaluation, prefill timing, FLOPs")
     gamma_eval = evaluate_vqa(gamma, test_examples, tokenizer, batch_size=demo.eval_batch_size,
                               buckets=eval_buckets, max_new_tokens=demo.max_new_tokens)
+    distill_eval = distill_run = None
+    if demo.distill_coef > 0:
+        clock.start(7, f"γ-MoD fine-tuning with distillation from the dense model: {demo.mod_steps} steps, "
+                       f"coef {demo.distill_coef}")
+        # The same run as the plain γ-MoD one (steps, data, learning rate, router seed), plus
+        # KL(dense || γ-MoD) on the answer tokens; the teacher is init_checkpoint, the dense model.
+        distill_config = mod_config.copy_and_resolve_references()
+        distill_config.distill.update(coef=demo.distill_coef, temperature=demo.distill_temperature)
+        distill_run = train(distill_config, os.path.join(out, "gamma_mod_distill"))
+        distilled = nnx.merge(distill_run["graphdef"], distill_run["state"].params, distill_run["rest"])
+        distill_eval = evaluate_vqa(distilled, test_examples, tokenizer, batch_size=demo.eval_batch_size,
+                                    buckets=eval_buckets, max_new_tokens=demo.max_new_tokens)
+        print(f"γ-MoD + distillation accuracy {distill_eval['accuracy']:.3f} (plain γ-MoD {gamma_eval['accuracy']:.3f}, "
+              f"dense {dense_eval['accuracy']:.3f})")
     timing_batch = collate_prompts(test_examples[: demo.eval_batch_size], batch_size=demo.eval_batch_size,
                                    buckets=eval_buckets)
     dense_s, gamma_s = time_prefill(dense, timing_batch), time_prefill(gamma, timing_batch)
@@ -437,11 +452,25 @@ def main(argv=None):
         "examples": gamma_eval["predictions"][:8],
         "arank_tie_break": report_arank.get("tie_break"),
     }
+    if distill_eval is not None:
+        distill_last = read_metrics(os.path.join(out, "gamma_mod_distill"))[-1]
+        report["gamma_mod_distill"] = {
+            "accuracy": distill_eval["accuracy"], "num_examples": distill_eval["num_examples"],
+            "skip_ratio": distill_eval.get("skip_ratio", 0.0), "steps": distill_run["step"],
+            "coef": demo.distill_coef, "temperature": demo.distill_temperature,
+            "final_lm_loss": distill_last["lm_loss"], "final_distill_loss": distill_last.get("distill_loss"),
+            "final_teacher_agreement": distill_last.get("teacher_agreement")}
     if args.quick:
         report["note"] = QUICK_NOTE
-    report["table"] = vqa_table([("dense", dense_eval, tflops_dense, None), ("γ-MoD", gamma_eval, tflops_gamma, skip)])
-    plots = [_plot_losses(out, {"dense": os.path.join(out, "dense"), "γ-MoD": os.path.join(out, "gamma_mod")}),
-             os.path.join(out, "arank.png")]
+    table_rows = [("dense", dense_eval, tflops_dense, None), ("γ-MoD", gamma_eval, tflops_gamma, skip)]
+    loss_runs = {"dense": os.path.join(out, "dense"), "γ-MoD": os.path.join(out, "gamma_mod")}
+    if distill_eval is not None:
+        distill_skip = report["gamma_mod_distill"]["skip_ratio"]
+        table_rows.append(("γ-MoD + distillation", distill_eval, paper_tflops(model_cfg.llm, seq_len, mod_layers,
+                                                                             distill_skip), distill_skip))
+        loss_runs["γ-MoD + distillation"] = os.path.join(out, "gamma_mod_distill")
+    report["table"] = vqa_table(table_rows)
+    plots = [_plot_losses(out, loss_runs), os.path.join(out, "arank.png")]
     if isinstance(last.get("skip_ratio_per_layer"), list):
         plots.append(_plot_skip(out, mod_layers, last["skip_ratio_per_layer"]))
     plots.append(_plot_routing(out, maps, images, mod_layers, [e["question"] for e in shown]))
@@ -453,6 +482,9 @@ def main(argv=None):
     _write_markdown(out, report, plots)
     rows = [("dense", report["dense"]["accuracy"], "-", f"{tflops_dense:.6f}", f"{dense_s * 1e3:.1f}"),
             ("γ-MoD", report["gamma_mod"]["accuracy"], f"{skip:.3f}", f"{tflops_gamma:.6f}", f"{gamma_s * 1e3:.1f}")]
+    if distill_eval is not None:
+        rows.append(("+distil", report["gamma_mod_distill"]["accuracy"],
+                     f"{report['gamma_mod_distill']['skip_ratio']:.3f}", "", ""))
     print(f"\n{'model':<8}{'accuracy':>10}{'skip':>8}{'TFLOPs':>12}{'prefill ms':>12}")
     for name, acc, sk, tf, ms in rows:
         print(f"{name:<8}{acc:>10.3f}{sk:>8}{tf:>12}{ms:>12}")
@@ -474,7 +506,9 @@ def stage_plan(config) -> list:
             ("dense_training", ref.train_compile + config.train.num_steps * ref.dense_step),
             ("dense_evaluation", evaluate), ("arank", ref.arank),
             ("gamma_mod_training", ref.train_compile + demo.mod_steps * ref.mod_step),
-            ("gamma_mod_evaluation", evaluate + ref.report)]
+            ("gamma_mod_evaluation", evaluate + ref.report)] + (
+        [("gamma_mod_distill", ref.train_compile + demo.mod_steps * ref.distill_step + evaluate)]
+        if demo.distill_coef > 0 else [])
 
 
 def _timing_line(report: dict) -> str:
@@ -495,7 +529,9 @@ def _write_markdown(out: str, report: dict, plots) -> None:
         "| model | accuracy | skip ratio | TFLOPs (paper convention) | prefill ms |", "|---|---|---|---|---|",
         f"| dense | {d['accuracy']:.3f} | - | {report['tflops_dense']:.6f} | {report['prefill_ms_dense']:.1f} |",
         f"| γ-MoD | {g['accuracy']:.3f} | {g['skip_ratio']:.3f} | {report['tflops_gamma_mod']:.6f} | "
-        f"{report['prefill_ms_gamma_mod']:.1f} |", "",
+        f"{report['prefill_ms_gamma_mod']:.1f} |"] + ([
+        f"| γ-MoD + distillation | {report['gamma_mod_distill']['accuracy']:.3f} | "
+        f"{report['gamma_mod_distill']['skip_ratio']:.3f} | | |"] if "gamma_mod_distill" in report else []) + ["",
         f"- dense layers {g['dense_layers']}, γ-MoD layers {g['mod_layers']}, routing ratio {g['routing_ratio']}",
         f"- prefill speed-up {report['prefill_speedup']:.2f}, FLOPs-ideal {report['flops_ideal_speedup']:.2f}",
         f"- {d['num_examples']} test questions, seed {report['seed']}", "",
