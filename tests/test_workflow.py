@@ -143,7 +143,7 @@ def test_train_from_a_converted_checkpoint_with_only_init_checkpoint(tokenizer, 
     assert result.returncode == 0, result.stderr[-3000:]
     assert "llm.num_hidden_layers (checkpoint 3, config 4)" in result.stdout  # logged, the checkpoint's kept
     got = load_checkpoint(str(run))  # the workdir's model/
-    assert got.config == dataclasses.replace(cfg, mod=gm.model_config("configs/llava15_7b.py:tiny,mod=0.3").mod)
+    assert got.config == dataclasses.replace(cfg, mod=gm.model_config(MOD_RECIPE).mod)  # the recipe's γ-MoD
 
     # A model field the command line asks for that the checkpoint cannot give: exit 2, field and both values.
     result = launch_train("--config", MOD_RECIPE, "--workdir", tmp_path / "conflict",

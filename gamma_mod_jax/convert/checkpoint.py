@@ -566,7 +566,6 @@ def convert_hf_checkpoint(src: str, dst: str, *, dtype: Optional[str] = None, mo
         dense_cfg, cfg = cfg, dataclasses.replace(cfg, mod=mod)
     model = abstract_model(cfg)  # validates the config (e.g. MoD layers that do not exist)
     fresh = set(plan_adaptation(dense_cfg, cfg).fresh) if mod is not None else set()  # the router
-    keymap = mllm_keymap(cfg.family, _source_mod_layers(source_cfg))
     params = param_paths(model)
     chosen = match_state_dict(params, state_dict, keymap, source=src, skip=lambda path: path in fresh)
 
