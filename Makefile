@@ -22,7 +22,7 @@ $(TEST_STAMP): requirements.txt requirements-test.txt | $(PY)
 	touch $(RUNTIME_STAMP) $(TEST_STAMP)
 
 test: $(TEST_STAMP)
-	$(PY) -m pytest -q -n 2 --dist worksteal tests
+	$(PY) -m pytest -q -n 2 --dist worksteal --durations=20 tests
 
 test-fast: $(TEST_STAMP)
 	$(PY) -m pytest -q -n 2 --dist worksteal -m "not slow" tests
