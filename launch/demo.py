@@ -255,8 +255,15 @@ def summarize(reports) -> str:
              f"| γ-MoD (ratio {reports[0]['gamma_mod']['routing_ratio']}) | {_spread(g)} | "
              f"{_spread([r['gamma_mod']['skip_ratio'] for r in reports])} | "
              f"{_spread([r['tflops_gamma_mod'] for r in reports], 6)} | "
-             f"{_spread([r['prefill_speedup'] for r in reports], 2)} |", "",
-             f"γ-MoD - dense: {_spread(np.subtract(g, d))}",
+             f"{_spread([r['prefill_speedup'] for r in reports], 2)} |"]
+    if all("gamma_mod_distill" in r for r in reports):
+        k = [r["gamma_mod_distill"]["accuracy"] for r in reports]
+        lines += [f"| γ-MoD + distillation (coef {reports[0]['gamma_mod_distill']['coef']}) | {_spread(k)} | "
+                  f"{_spread([r['gamma_mod_distill']['skip_ratio'] for r in reports])} | | |", "",
+                  f"γ-MoD + distillation - dense: {_spread(np.subtract(k, d))}"]
+    else:
+        lines += [""]
+    lines += [f"γ-MoD - dense: {_spread(np.subtract(g, d))}",
              "γ-MoD layers: " + "; ".join(f"seed {r.get('seed')}: {r['gamma_mod']['mod_layers']}" for r in reports),
              f"seconds in all: {_spread([r['seconds'] for r in reports], 0)}; CPU seconds "
              f"{_spread([r['cpu_seconds'] for r in reports], 0)}"]

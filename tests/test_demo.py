@@ -138,3 +138,15 @@ def test_summarize_gives_mean_spread_and_targets(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         demo.main(["--summarize", str(tmp_path / "absent")])
     assert exit_info.value.code == 2 and "absent/report.json" in capsys.readouterr().err
+
+
+def test_summarize_adds_the_distillation_row(tmp_path):
+    reports = [_report(i, 0.94, 0.93, 600.0) for i in range(3)]
+    for r, accuracy in zip(reports, (0.91, 0.92, 0.93)):
+        r["gamma_mod_distill"] = {"accuracy": accuracy, "skip_ratio": 0.46, "coef": 1.0}
+        (tmp_path / f"s{r['seed']}").mkdir()
+        (tmp_path / f"s{r['seed']}" / "report.json").write_text(json.dumps(r))
+    text = demo.main(["--summarize"] + [str(tmp_path / f"s{i}") for i in range(3)])
+    # mean 0.92, deviations -0.01, 0, 0.01: std sqrt(0.0002 / 3) = 0.0082; minus dense 0.94: -0.020
+    assert "| γ-MoD + distillation (coef 1.0) | 0.920 ± 0.008 [0.910, 0.930] | 0.460 ± 0.000" in text
+    assert "γ-MoD + distillation - dense: -0.020 ± 0.008" in text
