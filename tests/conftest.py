@@ -24,6 +24,16 @@ def rel_err(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
+def run_cli(main, argv, capsys):
+    """(exit code, stdout, stderr) of a launcher's main(argv) (arguments may be paths)."""
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 @pytest.fixture
 def rng(request):
     """A numpy Generator with a fixed seed per test (from its id, so a failing run replays),

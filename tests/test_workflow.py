@@ -21,6 +21,7 @@ from gamma_mod_jax.convert.keymap import param_paths
 from gamma_mod_jax.data.easy_vqa import easy_vqa_vocabulary
 from gamma_mod_jax.data.tokenizer import build_word_tokenizer
 from launch import adapt, arank, convert, evaluate
+from tests.conftest import run_cli
 
 DENSE_RECIPE = "configs/train.py:llava15_7b_stage1,tiny"
 MOD_RECIPE = "configs/train.py:llava15_7b_mod0.3,tiny"
@@ -30,15 +31,6 @@ def launch_train(*args, timeout=600):
     """`python -m launch.train ...` in a fresh process (absl flags are process-global)."""
     return subprocess.run([sys.executable, "-m", "launch.train", *map(str, args)], capture_output=True, text=True,
                           env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.getcwd()), timeout=timeout)
-
-
-def run_cli(main, argv, capsys):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def params(model) -> dict:

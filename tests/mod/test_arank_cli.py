@@ -20,6 +20,7 @@ from gamma_mod_jax.mod.arank_run import compute_arank
 from gamma_mod_jax.mod.config import MoDConfig
 from launch import adapt as adapt_cli
 from launch import arank as arank_cli
+from tests.conftest import run_cli
 
 SPEC = "configs/llava15_7b.py:tiny"
 HR_SPEC = "configs/llava_hr_7b.py:tiny"
@@ -41,16 +42,6 @@ def dense_ckpt(dense, tmp_path_factory):
 def concat(batches):
     batches = list(batches)
     return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
-
-
-def run_cli(main, argv, capsys):
-    """(exit code, stdout, stderr) of a CLI main(argv)."""
-    try:
-        code = main(argv)
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 # --- data ---------------------------------------------------------------------------

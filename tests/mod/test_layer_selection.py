@@ -19,17 +19,9 @@ from gamma_mod_jax.mod.layer_selection import parse_layer_list, read_layer_selec
 from gamma_mod_jax.train.trainer import model_for_training
 from launch import adapt as adapt_cli
 from launch import convert as convert_cli
+from tests.conftest import run_cli
 
 SPEC = "configs/llava15_7b.py:tiny"  # 4 LLM layers
-
-
-def run_cli(main, argv, capsys):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")
