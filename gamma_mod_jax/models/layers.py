@@ -100,22 +100,27 @@ def dot_product_attention(q_bshd, k_bthd, v_bthd, mask_bqk: Optional[jax.Array] 
     if is_causal:
         causal = jnp.tril(jnp.ones((s, t), bool))[None]
         mask_bqk = causal if mask_bqk is None else mask_bqk & causal
-    kv_heads = k_bthd.shape[2]
-    groups = h // kv_heads
-    q = q_bshd.reshape(b, s, kv_heads, groups, d)
-    scores = jnp.einsum("bskgd,btkd->bkgst", q, k_bthd, preferred_element_type=jnp.float32)
-    scores = scores * (1.0 / math.sqrt(d))
-    if mask_bqk is not None:
-        mask = jnp.broadcast_to(mask_bqk, (b, s, t))[:, None, None]
+    out, probs = _grouped_attention(q_bshd, k_bthd, v_bthd, mask_bqk, keys="btkd", zero_masked_rows=True)
+    return out, probs.reshape(b, h, s, -1)
+
+
+def _grouped_attention(q_bshd, k, v, mask_bqk, *, keys: str, zero_masked_rows: bool):
+    """Explicit grouped-query softmax attention, scores and softmax in float32: (out [b, s,
+    heads, d], probs [b, kv_heads, groups, s, t]). `keys`: the einsum layout of k and v,
+    "btkd" (token-major) or "bktd" (heads-major, a KV cache). zero_masked_rows: a query with
+    no visible key (a fully masked padding row) gets zero probabilities, not uniform ones."""
+    b, s, h, d = q_bshd.shape
+    kv_heads, t = k.shape[keys.index("k")], k.shape[keys.index("t")]
+    q = q_bshd.reshape(b, s, kv_heads, h // kv_heads, d)
+    scores = jnp.einsum(f"bskgd,{keys}->bkgst", q, k, preferred_element_type=jnp.float32) * (1.0 / math.sqrt(d))
+    mask = None if mask_bqk is None else jnp.broadcast_to(mask_bqk, (b, s, t))[:, None, None]
+    if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
-    if mask_bqk is not None:
-        # A query with no visible key (a fully masked padding row) gets zeros, not NaN/uniform.
+    if mask is not None and zero_masked_rows:
         probs = jnp.where(mask, probs, 0.0)
-    out = jnp.einsum("bkgst,btkd->bskgd", probs.astype(v_bthd.dtype), v_bthd,
-                     preferred_element_type=jnp.float32)
-    out = out.reshape(b, s, h, d).astype(q_bshd.dtype)
-    return out, probs.reshape(b, h, s, -1)
+    out = jnp.einsum(f"bkgst,{keys}->bskgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(b, s, h, d).astype(q_bshd.dtype), probs
 
 
 def cached_attention(q_bshd, k_bktd, v_bktd, mask_bqk):
@@ -128,13 +133,6 @@ def cached_attention(q_bshd, k_bktd, v_bktd, mask_bqk):
     transposing every layer's cache at every step cost more than the attention itself. A
     prompt (q_len > 1) transposes the cache once and takes `dot_product_attention`.
     """
-    b, s, h, d = q_bshd.shape
-    if s > 1:
+    if q_bshd.shape[1] > 1:
         return dot_product_attention(q_bshd, jnp.swapaxes(k_bktd, 1, 2), jnp.swapaxes(v_bktd, 1, 2), mask_bqk)
-    kv_heads, t = k_bktd.shape[1], k_bktd.shape[2]
-    q = q_bshd.reshape(b, s, kv_heads, h // kv_heads, d)
-    scores = jnp.einsum("bskgd,bktd->bkgst", q, k_bktd, preferred_element_type=jnp.float32) * (1.0 / math.sqrt(d))
-    mask = jnp.broadcast_to(mask_bqk, (b, s, t))[:, None, None]
-    probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)
-    out = jnp.einsum("bkgst,bktd->bskgd", probs.astype(v_bktd.dtype), v_bktd, preferred_element_type=jnp.float32)
-    return out.reshape(b, s, h, d).astype(q_bshd.dtype)
+    return _grouped_attention(q_bshd, k_bktd, v_bktd, mask_bqk, keys="bktd", zero_masked_rows=False)[0]
