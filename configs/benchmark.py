@@ -6,7 +6,7 @@ minutes), `7b` (Vicuna-7B shapes, for a GPU), `gpu_7b` (launch/gpu_benchmark.sh:
 shapes on one GPU, bf16 compute and parameters, cuDNN attention, no decoding), `tiny`
 (seconds, for tests), plus `ratio=0.5`, `batch=N`, `dtype=bf16`, `param_dtype=bf16`,
 `layers=N`, `repeats=N`, `warmup=N`, `decode=0` (prefill and training step only),
-`attention=xla|cudnn`, `peak_flops=F` (MFU's peak FLOP/s per device where the table in
+`attention=xla|cudnn`, `distill=0` (no training step with a distillation teacher), `peak_flops=F` (MFU's peak FLOP/s per device where the table in
 gamma_mod_jax/train/metrics.py lacks the device), comma-separated.
 """
 
@@ -56,6 +56,10 @@ def get_config(arg=None):
     if "peak_flops" in opts:
         c.peak_flops_per_device = float(opts["peak_flops"])
     c.learning_rate = 1e-5
+    # A third training step: γ-MoD with distillation from the dense model (KL on the answer
+    # tokens, coefficient 1), for its time and memory; 0 = not timed. Off for gpu_7b: a
+    # bf16 7B teacher (13 GiB more) beside AdamW's 54 GiB would not leave room on 80 GB.
+    c.distill_coef = 0.0 if opts.get("gpu_7b") or opts.get("distill") == "0" else 1.0
     # Decoding after the prompt: new tokens per example, batch sizes timed.
     c.decode_new_tokens = 8 if opts.get("tiny") else 64
     c.decode_batch_sizes = (2,) if opts.get("tiny") else (1, 8)

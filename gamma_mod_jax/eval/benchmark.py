@@ -31,6 +31,7 @@ from gamma_mod_jax.mod.routing import threshold_bucket_sizes, total_routing_loss
 from gamma_mod_jax.models.config import LlamaConfig, resolve_dtype
 from gamma_mod_jax.models.layers import attention_implementation
 from gamma_mod_jax.models.llama import Llama
+from gamma_mod_jax.train.distill import tempered_kl
 
 
 def make_inputs(config, seed: int = 0, batch_size=None):
@@ -152,6 +153,31 @@ def _forward_fn(model, routing):
     return forward
 
 
+def _distill_step(gamma, dense, tx, coef: float, answer_rows):
+    """The γ-MoD training step with distillation from the dense model (train/distill.py):
+    LM + routing loss + coef x KL(dense || γ-MoD) on the answer tokens (`answer_rows`,
+    their sequence indices, the same in every example of the benchmark layout). The
+    teacher's parameters are a step argument outside the gradient and the optimizer; its
+    LM head runs on the answer rows only."""
+    student, teacher = _forward_fn(gamma, "capacity"), nnx.graphdef(dense)
+
+    def loss_fn(p, x, teacher_logits, rows):
+        logits, _, aux = student(p, x)
+        answer_logits = jnp.take_along_axis(logits, rows[..., None], axis=1)
+        kl_sum, count = tempered_kl(teacher_logits, answer_logits, jnp.ones(rows.shape, bool), 1.0, "forward")
+        return lm_loss(logits, x["labels"]) + total_routing_loss(aux, gamma.mod) + coef * kl_sum / count
+
+    def step(p, opt_state, x, teacher_params):
+        rows = jnp.broadcast_to(jnp.asarray(answer_rows, jnp.int32), (x["types"].shape[0], len(answer_rows)))
+        teacher_logits, _, _ = nnx.merge(teacher, teacher_params)(
+            inputs_embeds=x["embeds"], attention_mask=x["mask"], token_types=x["types"], logit_rows=rows)
+        loss, grads = jax.value_and_grad(loss_fn)(p, x, jax.lax.stop_gradient(teacher_logits), rows)
+        updates, opt_state = tx.update(grads, opt_state, p)
+        return optax.apply_updates(p, updates), opt_state, loss
+
+    return jax.jit(step)
+
+
 def calibrated_threshold(gamma, inputs, iterations: int = 3, log=print) -> float:
     """A prefill threshold that keeps about as many tokens as capacity routing. Random router
     weights put almost every p above the official 0.005, so that rule would skip nothing
@@ -264,11 +290,15 @@ def run_benchmark(config, log=print, checkpoint_model=None) -> dict:
             f"(set peak_flops_per_device, `peak_flops=` in configs/benchmark.py)")
     attention = config.get("attention")
     results["attention"] = attention or "xla"
+    distill_coef = float(config.get("distill_coef", 0.0))
     for phase in ("prefill", "train_step"):
         fns, args, compiled_info = {}, {}, {}
-        for name, (model, routing) in models.items():
-            if phase == "train_step" and name == "gamma_mod_threshold":
-                continue  # training routes by capacity
+        phase_models = dict(models)
+        if phase == "train_step":
+            del phase_models["gamma_mod_threshold"]  # training routes by capacity
+            if distill_coef > 0:
+                phase_models["gamma_mod_distill"] = (gamma, "capacity")
+        for name, (model, routing) in phase_models.items():
             params = nnx.state(model, nnx.Param)
             forward = _forward_fn(model, routing)
             if phase == "prefill":
@@ -286,6 +316,10 @@ def run_benchmark(config, log=print, checkpoint_model=None) -> dict:
 
                 fn = jax.jit(step)
                 args[name] = (params, tx.init(params), inputs)
+                if name == "gamma_mod_distill":
+                    answer_rows = np.nonzero(np.asarray(inputs["types"][0]) == tt.ANSWER)[0]
+                    fn = _distill_step(gamma, dense, tx, distill_coef, answer_rows)
+                    args[name] += (nnx.state(dense, nnx.Param),)
             with attention_implementation(attention) if attention else contextlib.nullcontext():
                 fns[name], compile_s = _compile(fn, args[name])
             compiled_info[name] = {"compile_s": compile_s, **_memory(fns[name])}
@@ -296,7 +330,9 @@ def run_benchmark(config, log=print, checkpoint_model=None) -> dict:
             _, _, aux = jax.jit(_forward_fn(gamma_threshold, "threshold"))(nnx.state(gamma_threshold), inputs)
             kept = np.asarray(aux["selected"]).sum(-1).mean(-1)  # mean kept count per MoD layer
         flops = {"dense": dense_flops, "gamma_mod": gamma_flops,
-                 "gamma_mod_threshold": forward_flops(config, kept)[1] if kept is not None else None}
+                 "gamma_mod_threshold": forward_flops(config, kept)[1] if kept is not None else None,
+                 # the student's step plus one teacher forward
+                 "gamma_mod_distill": gamma_flops + dense_flops / 3}
         for name, timing in timings.items():
             timing.update(compiled_info[name])
             timing.update(_throughput(timing, config.batch_size, flops[name] * (3 if phase == "train_step" else 1),
@@ -309,6 +345,8 @@ def run_benchmark(config, log=print, checkpoint_model=None) -> dict:
         speedup = timings["dense"]["median_s"] / timings["gamma_mod"]["median_s"]
         results[phase] = {"dense": timings["dense"], "gamma_mod": timings["gamma_mod"], "speedup": speedup,
                           "ideal_speedup": ideal, "speedup_over_ideal": speedup / ideal}
+        if "gamma_mod_distill" in timings:
+            results[phase]["gamma_mod_distill"] = timings["gamma_mod_distill"]
         log(f"{phase:>10} speed-up {speedup:.3f} (FLOPs-ideal {ideal:.3f}, ratio {speedup / ideal:.3f})")
         if phase == "prefill":
             t_ideal = ideal_speedup(config, kept)

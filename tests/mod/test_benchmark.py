@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from gamma_mod_jax.eval.benchmark import forward_flops
@@ -27,6 +28,18 @@ def test_benchmark_cli_writes_results(tmp_path):
             assert timing["samples_per_s"] == pytest.approx(1 / timing["median_s"])  # batch 1
             assert timing["model_tflops_per_device"] == pytest.approx(times * flops / timing["median_s"] / 1e12)
             assert timing["mfu"] == pytest.approx(timing["model_tflops_per_device"])  # peak 1 TFLOP/s
+    # the distillation step: the student's step plus one teacher forward, and more memory
+    distill = results["train_step"]["gamma_mod_distill"]
+    assert distill["model_tflops_per_device"] == pytest.approx((3 * gamma_flops + dense_flops) / distill["median_s"] / 1e12)
+    # its arguments add exactly the teacher's weights (the dense LLM of the tiny config, fp32,
+    # but its token embedding: the benchmark feeds embeddings, so XLA drops that argument)
+    from flax import nnx
+
+    from gamma_mod_jax.eval.benchmark import build_models
+    teacher = nnx.state(build_models(load_config("configs/benchmark.py:tiny"))[0], nnx.Param).flat_state()
+    teacher_mib = sum(x.value.size * 4 for path, x in teacher if path[0] != "embed_tokens") / 2**20
+    assert distill["argument_mib"] - results["train_step"]["gamma_mod"]["argument_mib"] == pytest.approx(teacher_mib,
+                                                                                                      rel=1e-3)
     threshold = results["prefill_threshold"]
     assert threshold["speedup"] > 0 and threshold["ideal_speedup"] > 1 and 0 < threshold["skip_ratio"] < 1
     kv = results["kv_cache"]
