@@ -7,7 +7,9 @@ shapes on one GPU, bf16 compute and parameters, cuDNN attention, no decoding), `
 (seconds, for tests), plus `ratio=0.5`, `batch=N`, `dtype=bf16`, `param_dtype=bf16`,
 `layers=N`, `repeats=N`, `warmup=N`, `decode=0` (prefill and training step only),
 `attention=xla|cudnn`, `peak_flops=F` (MFU's peak FLOP/s per device where the table in
-gamma_mod_jax/train/metrics.py lacks the device), comma-separated.
+gamma_mod_jax/train/metrics.py lacks the device), `scan=1` (model.scan_layers: runs of
+layers as lax.scan; default the plain loop), `remat=none|full|dots` (the training step's
+rematerialisation, train.remat; default none), comma-separated.
 """
 
 import ml_collections
@@ -56,6 +58,8 @@ def get_config(arg=None):
     if "peak_flops" in opts:
         c.peak_flops_per_device = float(opts["peak_flops"])
     c.learning_rate = 1e-5
+    c.scan_layers = opts.get("scan", "0") not in ("0", False)
+    c.remat = opts.get("remat", "none")  # the training step's only (models/llama.py REMAT_POLICIES)
     # Decoding after the prompt: new tokens per example, batch sizes timed.
     c.decode_new_tokens = 8 if opts.get("tiny") else 64
     c.decode_batch_sizes = (2,) if opts.get("tiny") else (1, 8)
