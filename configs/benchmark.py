@@ -6,8 +6,11 @@ minutes), `7b` (Vicuna-7B shapes, for a GPU), `gpu_7b` (launch/gpu_benchmark.sh:
 shapes on one GPU, bf16 compute and parameters, cuDNN attention, no decoding), `tiny`
 (seconds, for tests), plus `ratio=0.5`, `batch=N`, `dtype=bf16`, `param_dtype=bf16`,
 `layers=N`, `repeats=N`, `warmup=N`, `decode=0` (prefill and training step only),
-`attention=xla|cudnn`, `distill=0` (no training step with a distillation teacher), `peak_flops=F` (MFU's peak FLOP/s per device where the table in
-gamma_mod_jax/train/metrics.py lacks the device), comma-separated.
+`attention=xla|cudnn`, `distill=0` (no training step with a distillation teacher),
+`peak_flops=F` (MFU's peak FLOP/s per device where the table in
+gamma_mod_jax/train/metrics.py lacks the device), `scan=1` (model.scan_layers: runs of
+layers as lax.scan; default the plain loop), `remat=none|full|dots` (the training step's
+rematerialisation, train.remat; default none), comma-separated.
 """
 
 import ml_collections
@@ -60,6 +63,8 @@ def get_config(arg=None):
     # tokens, coefficient 1), for its time and memory; 0 = not timed. Off for gpu_7b: a
     # bf16 7B teacher (13 GiB more) beside AdamW's 54 GiB would not leave room on 80 GB.
     c.distill_coef = 0.0 if opts.get("gpu_7b") or opts.get("distill") == "0" else 1.0
+    c.scan_layers = opts.get("scan", "0") not in ("0", False)
+    c.remat = opts.get("remat", "none")  # the training step's only (models/llama.py REMAT_POLICIES)
     # Decoding after the prompt: new tokens per example, batch sizes timed.
     c.decode_new_tokens = 8 if opts.get("tiny") else 64
     c.decode_batch_sizes = (2,) if opts.get("tiny") else (1, 8)

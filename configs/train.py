@@ -71,18 +71,22 @@ ALL_TRAINABLE = [(".*", True)]
 def paper_routing_ratio(model: str, ratio_name: str) -> float:
     """model.mod.routing_ratio of recipe `<model>_mod<ratio_name>`: the paper's measured skip
     at the family's mean length, as a share of the full-size model's routable tokens."""
-    from gamma_mod_jax.api import model_config
-    from gamma_mod_jax.mod.config import routing_ratio_for_skip
-
     if (model, ratio_name) not in PAPER_SKIP:
         known = sorted(f"{m}_mod{r}" for m, r in PAPER_SKIP)
         raise ValueError(f"unknown γ-MoD recipe {model}_mod{ratio_name}; known: {known}")
     model_file, family = MODELS[model]
+    return routing_ratio_for_paper_skip(model_file, PAPER_SKIP[model, ratio_name], MEAN_LENGTH[family])
+
+
+def routing_ratio_for_paper_skip(model_file: str, skip: float, mean_length: int) -> float:
+    """The routing_ratio that skips `skip` of `mean_length` tokens per MoD layer on the
+    full-size γ-MoD model of `model_file` (its routable token count; also configs/train_mgm.py)."""
+    from gamma_mod_jax.api import model_config
     from gamma_mod_jax.config_file import load_config
+    from gamma_mod_jax.mod.config import routing_ratio_for_skip
 
     cfg = model_config(load_config(f"{model_file}:mod").model)
-    routable = cfg.mod.routable_count(cfg.num_image_tokens)
-    return routing_ratio_for_skip(PAPER_SKIP[model, ratio_name], MEAN_LENGTH[family], routable)
+    return routing_ratio_for_skip(skip, mean_length, cfg.mod.routable_count(cfg.num_image_tokens))
 
 
 def data_config(**overrides):

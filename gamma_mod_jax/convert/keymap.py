@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gamma_mod_jax.models.scan import STACKED_SUFFIX
+from gamma_mod_jax.models.scan import per_layer_paths, stacked_at
 
 # PyTorch buffers that never correspond to parameters.
 DEFAULT_IGNORED = (r".*rotary_emb\.inv_freq$", r".*\.position_ids$", r".*num_batches_tracked$")
@@ -152,26 +152,16 @@ def param_paths(model_or_state) -> List[Tuple[Tuple, object]]:
     layers' own parameters (`<name>/<layer>/...`, a `LayerSlice` each), so everything
     keyed by these paths (PyTorch keys, our checkpoints) is the same with scan on or off."""
     state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state, nnx.Param)
-    plain, stacked = [], {}
-    for path, var in nnx.to_flat_state(state):
-        if not isinstance(var, nnx.Param):
+    params = [(tuple(path), var) for path, var in nnx.to_flat_state(state) if isinstance(var, nnx.Param)]
+    stacked = lambda path: stacked_at(path) is not None
+    layers = per_layer_paths([(path, var.get_value().shape[0] if stacked(path) else 0) for path, var in params])
+    plain = []
+    for (path, var), paths in zip(params, layers):
+        if not stacked(path):
+            plain.append((path, var))
             continue
-        at = next((i for i, p in enumerate(path) if str(p).endswith(STACKED_SUFFIX)), None)
-        if at is None:
-            plain.append((tuple(path), var))
-        else:
-            stacked.setdefault(tuple(path[:at + 1]), {}).setdefault(int(path[at + 1]), []).append((path, var))
-    for container, runs in stacked.items():
-        name = str(container[-1])[:-len(STACKED_SUFFIX)]
-        start = 0
-        for run in sorted(runs):
-            count = runs[run][0][1].get_value().shape[0]
-            for path, var in runs[run]:
-                pending: dict = {}
-                rest = tuple(path[len(container) + 1:])
-                plain += [(container[:-1] + (name, start + j) + rest, LayerSlice(var, j, pending))
-                          for j in range(count)]
-            start += count
+        pending: dict = {}  # one per stacked parameter: its layers' writes, applied together
+        plain += [(layer_path, LayerSlice(var, j, pending)) for j, layer_path in enumerate(paths)]
     return sorted(plain, key=lambda item: _path_key(item[0]))
 
 

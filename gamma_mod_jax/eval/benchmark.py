@@ -95,11 +95,22 @@ def build_models(config):
     dtype = resolve_dtype(config.dtype)
     param_dtype = resolve_dtype(config.get("param_dtype", "float32"))
     mod = _mod_config(config)
-    gamma = Llama(llm, mod=mod, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
-    dense = Llama(llm, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
-    # The same weights on both sides (the dense model simply has no router).
-    nnx.update(dense, nnx.filter_state(nnx.state(gamma, nnx.Param), lambda path, _: path[0] != "router"))
+    scan = config.get("scan_layers", False)
+    gamma = Llama(llm, mod=mod, dtype=dtype, param_dtype=param_dtype, scan_layers=scan, rngs=nnx.Rngs(0))
+    dense = Llama(llm, dtype=dtype, param_dtype=param_dtype, scan_layers=scan, rngs=nnx.Rngs(0))
+    _copy_weights(gamma, dense)
     return dense, gamma
+
+
+def _copy_weights(gamma, dense) -> None:
+    """The same weights on both sides (the dense model simply has no router), layer by layer:
+    scanned, the two stack their layers in different runs (one dense run vs dense / γ-MoD / dense)."""
+    from gamma_mod_jax.convert.keymap import param_paths
+
+    theirs = dict(param_paths(dense))
+    for path, var in param_paths(gamma):
+        if path[0] != "router":
+            theirs[path].set_value(var.get_value())
 
 
 def ideal_speedup(config, kept_per_mod_layer=None) -> float:
@@ -112,7 +123,7 @@ def forward_flops(config, kept_per_mod_layer=None) -> tuple:
     """(dense, γ-MoD) forward FLOPs of what is timed, per batch: decoder layers (paper
     convention, MoD layers at their kept length: the capacity, or the measured mean kept
     count per MoD layer when given) plus the LM head. A training step counts 3 times its
-    forward (the backward is twice the forward; no remat here)."""
+    forward (the backward is twice the forward; model FLOPs: remat's recomputation is not counted)."""
     llm = config.llm
     s = config.image_tokens + config.system_tokens + config.text_tokens
     mod = _mod_config(config)
@@ -203,7 +214,7 @@ def calibrated_threshold(gamma, inputs, iterations: int = 3, log=print) -> float
 def _with_mod(model, **changes):
     """The same weights under a changed MoD config."""
     other = Llama(model.config, mod=dataclasses.replace(model.mod, **changes), dtype=model.dtype,
-                  param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+                  param_dtype=jnp.float32, scan_layers=model.scan_layers, rngs=nnx.Rngs(0))
     nnx.update(other, nnx.state(model))
     return other
 
@@ -252,8 +263,9 @@ def models_from_checkpoint(config, mllm):
     config.llm = dataclasses.asdict(gamma.config)
     config.mod = {k: v for k, v in dataclasses.asdict(gamma.mod).items() if k != "num_routable_tokens"}
     config.image_tokens, config.system_tokens = mllm.config.num_image_tokens, gamma.mod.system_tokens
-    dense = Llama(gamma.config, dtype=gamma.dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
-    nnx.update(dense, nnx.filter_state(nnx.state(gamma, nnx.Param), lambda path, _: path[0] != "router"))
+    dense = Llama(gamma.config, dtype=gamma.dtype, param_dtype=jnp.float32, scan_layers=gamma.scan_layers,
+                  rngs=nnx.Rngs(0))
+    _copy_weights(gamma, dense)
     return config, dense, gamma
 
 
@@ -299,6 +311,8 @@ def run_benchmark(config, log=print, checkpoint_model=None) -> dict:
             if distill_coef > 0:
                 phase_models["gamma_mod_distill"] = (gamma, "capacity")
         for name, (model, routing) in phase_models.items():
+            # Rematerialisation (config.remat) in the training step only, as the trainer sets it.
+            model.remat = config.get("remat", "none") if phase == "train_step" else "none"
             params = nnx.state(model, nnx.Param)
             forward = _forward_fn(model, routing)
             if phase == "prefill":

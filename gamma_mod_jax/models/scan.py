@@ -13,7 +13,7 @@ parameters again, so checkpoints, conversions and exports keep per-layer keys.
 
 from __future__ import annotations
 
-from typing import Callable, Hashable, Sequence, Tuple
+from typing import Callable, Hashable, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -72,3 +72,37 @@ def stack_count(stack: nnx.Module) -> int:
 def unstack(tree, count: int) -> list:
     """[tree[j] for each of the `count` layers] of a tree with a leading layer axis."""
     return [jax.tree.map(lambda a, j=j: a[j], tree) for j in range(count)]
+
+
+def stacked_at(path: Sequence) -> Optional[int]:
+    """Index of the `<name>_stacked` key in a parameter's path (None: not in a stacked run)."""
+    return next((i for i, p in enumerate(path) if str(p).endswith(STACKED_SUFFIX)), None)
+
+
+def per_layer_paths(items: Sequence[Tuple[tuple, int]]) -> List[List[tuple]]:
+    """The per-layer paths each parameter stands for, given (path, leading size) of every
+    parameter of a model: [path] for an ordinary one; for `<name>_stacked/<run>/rest` (a
+    stacked run of `count` layers) [`<name>/<start + j>/rest` for j < count], where a
+    container's runs number their layers on from 0 in run order (models/scan.py layout).
+    The one place that knows how stacked paths map to layers (key map, freeze rules)."""
+    counts = {}
+    for path, count in items:
+        at = stacked_at(path)
+        if at is not None:
+            counts.setdefault(tuple(path[:at + 1]), {})[int(path[at + 1])] = count
+    starts = {}
+    for container, runs in counts.items():
+        start = 0
+        for run in sorted(runs):
+            starts[container, run] = start
+            start += runs[run]
+    out = []
+    for path, count in items:
+        at = stacked_at(path)
+        if at is None:
+            out.append([tuple(path)])
+            continue
+        container, run = tuple(path[:at + 1]), int(path[at + 1])
+        name, start, rest = str(container[-1])[:-len(STACKED_SUFFIX)], starts[container, run], tuple(path[at + 2:])
+        out.append([container[:-1] + (name, start + j) + rest for j in range(count)])
+    return out

@@ -87,3 +87,22 @@ def test_gpu_run_script_runs_on_the_cpu_config(tmp_path):
             assert timing["samples_per_s"] > 0 and timing["model_tflops_per_device"] > 0 and timing["mfu"] is None
             assert timing["temp_mib"] > 0
     assert proc.stdout.count("mfu: not reported") == 1 and "samples/s" in proc.stdout
+
+
+def test_scan_switch_builds_scanned_models_with_the_loops_weights():
+    """`scan=1,remat=full`: the benchmark's models are scanned (model.scan_layers) and hold
+    the loop's weights layer by layer, so the two compile-time figures compare like for like."""
+    import numpy as np
+
+    from gamma_mod_jax.convert.keymap import param_paths
+    from gamma_mod_jax.eval.benchmark import build_models
+
+    scanned_config = load_config("configs/benchmark.py:tiny,scan=1,remat=full")
+    assert scanned_config.remat == "full" and load_config("configs/benchmark.py:tiny").remat == "none"
+    for loop, scanned in zip(build_models(load_config("configs/benchmark.py:tiny")), build_models(scanned_config)):
+        assert scanned.scan_layers and not loop.scan_layers
+        want = {p: np.asarray(v.get_value()) for p, v in param_paths(loop)}
+        got = {p: np.asarray(v.get_value()) for p, v in param_paths(scanned)}
+        assert got.keys() == want.keys()
+        for path in want:
+            np.testing.assert_array_equal(got[path], want[path])
