@@ -63,12 +63,11 @@ import ml_collections
 import numpy as np
 
 from gamma_mod_jax import token_types as tt
+from gamma_mod_jax.token_types import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from gamma_mod_jax.data import sources as src_lib
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
-IMAGE_TOKEN_INDEX = -200
 SOURCES = ("llava_json", "tfds", "easy_vqa")
 TRUNCATION_POLICIES = ("drop", "truncate_right")
 

@@ -42,7 +42,7 @@ def make_inputs(config, seed: int = 0, batch_size=None):
     types = np.concatenate([np.full(n_img, tt.IMAGE), np.full(n_sys, tt.SYSTEM),
                             np.full(n_txt // 2, tt.QUESTION), np.full(n_txt - n_txt // 2, tt.ANSWER)])
     types = np.broadcast_to(types, (b, s)).astype(np.int32)
-    labels = np.where(types == tt.ANSWER, rng.integers(0, config.llm["vocab_size"], (b, s)), -100).astype(np.int32)
+    labels = np.where(types == tt.ANSWER, rng.integers(0, config.llm["vocab_size"], (b, s)), tt.IGNORE_INDEX).astype(np.int32)
     embeds = (rng.standard_normal((b, s, h)) * 0.02).astype(np.float32)
     return {"embeds": jnp.asarray(embeds), "types": jnp.asarray(types), "labels": jnp.asarray(labels),
             "mask": jnp.ones((b, s), jnp.int32)}

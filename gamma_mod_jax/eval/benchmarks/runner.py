@@ -19,12 +19,12 @@ import numpy as np
 from flax import nnx
 
 from gamma_mod_jax import token_types as tt
+from gamma_mod_jax.token_types import IMAGE_TOKEN_INDEX
 from gamma_mod_jax.eval.benchmarks import readers
 from gamma_mod_jax.eval.benchmarks.answers import AnswerFile, answer_record, write_submission
 from gamma_mod_jax.eval.benchmarks.report import routing_summary
 from gamma_mod_jax.eval.benchmarks.scoring import score_benchmark
 
-IMAGE_TOKEN_INDEX = -200
 GENERATION_KEYS = ("input_ids", "attention_mask", "token_types", "pixel_values")
 
 
