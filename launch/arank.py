@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
 import sys
-import tempfile
 
 from gamma_mod_jax import api as gm
 from gamma_mod_jax.convert.hf_files import CheckpointError
 from gamma_mod_jax.data.synthetic import batches_from_spec
+from gamma_mod_jax.io_utils import atomic_write, write_json_atomic
 from gamma_mod_jax.mod.arank import DEFAULT_TIES, TIES, arank_report
 from gamma_mod_jax.mod.arank_run import compute_arank
 
@@ -64,25 +62,6 @@ def load_model(config_spec, checkpoint, *, seed: int = 0, log=print):
     return model
 
 
-def write_json_atomic(path: str, doc) -> None:
-    """Writes `doc` as JSON to `path` through a temporary sibling and os.replace."""
-    write_file_atomic(path, lambda f: f.write(json.dumps(doc, indent=2).encode() + b"\n"))
-
-
-def write_file_atomic(path: str, write) -> None:
-    """Writes `path` through a temporary sibling: `write(binary file)`, then os.replace."""
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".partial", dir=parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def plot_arank(report: dict, path: str) -> None:
     """Bar chart of mean ARank per layer (std as error bars), dense and MoD layers in two colours."""
     import matplotlib
@@ -112,7 +91,8 @@ def plot_arank(report: dict, path: str) -> None:
     ax.legend(loc="upper center", ncol=2)
     fig.tight_layout()
     try:
-        write_file_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))
+        with atomic_write(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=120)
     finally:
         plt.close(fig)
 

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 
 from gamma_mod_jax.config_file import load_config
 from gamma_mod_jax.eval.benchmark import run_benchmark
+from gamma_mod_jax.io_utils import write_json_atomic
 
 
 def main(argv=None):
@@ -34,11 +33,7 @@ def main(argv=None):
             print(f"error: {e}", file=sys.stderr)
             return 2
     results = run_benchmark(config, checkpoint_model=model)
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(out_dir, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=out_dir, delete=False, suffix=".tmp") as f:
-        json.dump(results, f, indent=2)
-    os.replace(f.name, args.out)  # never a half-written results file
+    write_json_atomic(args.out, results)  # never a half-written results file
     keys = ("prefill", "prefill_threshold", "train_step", "kv_cache", "decode", "compile_s")
     summary = {k: {f: v for f, v in results[k].items() if not f.endswith(("per_layer", "times_s"))}
                for k in keys}

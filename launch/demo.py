@@ -322,7 +322,8 @@ def main(argv=None):
     from gamma_mod_jax.mod.flops import paper_tflops
     from gamma_mod_jax.train.metrics import read_metrics
     from gamma_mod_jax.train.trainer import train
-    from launch.arank import plot_arank, write_json_atomic
+    from gamma_mod_jax.io_utils import write_json_atomic
+    from launch.arank import plot_arank
 
     out = args.out
     config = load_config(args.config)
@@ -526,7 +527,7 @@ def _timing_line(report: dict) -> str:
 
 
 def _write_markdown(out: str, report: dict, plots) -> None:
-    from launch.arank import write_file_atomic
+    from gamma_mod_jax.io_utils import atomic_write
 
     d, g = report["dense"], report["gamma_mod"]
     lines = [
@@ -556,7 +557,8 @@ def _write_markdown(out: str, report: dict, plots) -> None:
     lines += [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
     lines += ["", "| question | reference | γ-MoD answer |", "|---|---|---|"]
     lines += [f"| {e['question']} | {e['answer']} | {e['prediction']} |" for e in report["examples"]]
-    write_file_atomic(os.path.join(out, "report.md"), lambda f: f.write(("\n".join(lines) + "\n").encode()))
+    with atomic_write(os.path.join(out, "report.md")) as f:
+        f.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ def run_benchmarks(args) -> int:
     from gamma_mod_jax.eval.benchmarks import readers
     from gamma_mod_jax.eval.benchmarks.report import markdown_table
     from gamma_mod_jax.eval.benchmarks.runner import Answerer, run_benchmark
-    from launch.arank import write_json_atomic, write_file_atomic
+    from gamma_mod_jax.io_utils import atomic_write, write_json_atomic
 
     names = readers.BENCHMARK_NAMES if args.benchmark == "all" else tuple(n for n in args.benchmark.split(",") if n)
     unknown = [n for n in names if n not in readers.READERS]
@@ -99,7 +99,8 @@ def run_benchmarks(args) -> int:
     table = markdown_table(rows)
     doc["table"] = table
     write_json_atomic(os.path.join(args.out, "scores.json"), doc)
-    write_file_atomic(os.path.join(args.out, "table.md"), lambda f: f.write(table.encode()))
+    with atomic_write(os.path.join(args.out, "table.md")) as f:
+        f.write(table)
     print(table)
     return 0
 
@@ -139,7 +140,7 @@ def main(argv=None) -> int:
     from gamma_mod_jax.data.pipeline import make_eval_examples
     from gamma_mod_jax.data.tokenizer import load_tokenizer
     from gamma_mod_jax.eval.vqa import evaluate_vqa
-    from launch.arank import write_json_atomic
+    from gamma_mod_jax.io_utils import write_json_atomic
 
     try:
         buckets = tuple(sorted(int(b) for b in args.buckets.split(",") if b))

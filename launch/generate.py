@@ -21,7 +21,9 @@ import argparse
 import json
 import os
 import sys
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
+
+from gamma_mod_jax.io_utils import atomic_write
 
 
 class InputError(ValueError):
@@ -222,12 +224,8 @@ def main(argv=None, out=None) -> int:
     try:
         args = parse_args(argv)
         if args.out:
-            out_dir = os.path.dirname(os.path.abspath(args.out))
-            os.makedirs(out_dir, exist_ok=True)
-            with open(args.out + ".tmp", "w", encoding="utf-8") as f:
-                status = run(args, f)
-            os.replace(args.out + ".tmp", args.out)  # never a half-written answers file
-            return status
+            with atomic_write(args.out) as f:  # never a half-written answers file
+                return run(args, f)
         return run(args, out or sys.stdout)
     except (InputError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -15,9 +15,9 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 
 from gamma_mod_jax.data.conversation import move_image_to_front
+from gamma_mod_jax.io_utils import atomic_write
 
 
 def rewrite_file(src: str, dst: str):
@@ -40,19 +40,8 @@ def rewrite_file(src: str, dst: str):
         new = move_image_to_front(record)
         changed += new != record
         out.append(new)
-    folder = os.path.dirname(os.path.abspath(dst))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(dst) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(out, f, ensure_ascii=False, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_write(dst) as f:
+        json.dump(out, f, ensure_ascii=False, indent=1)
     return changed, len(out)
 
 

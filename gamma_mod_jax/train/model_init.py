@@ -5,13 +5,13 @@ make), `<workdir>/model_config.json` at the start and `<workdir>/model` at the e
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Optional
 
 import jax
 from flax import nnx
 
+from gamma_mod_jax.io_utils import write_json_atomic
 from gamma_mod_jax.models.config import MLLMConfig
 
 
@@ -123,9 +123,7 @@ def write_model_config(workdir: str, cfg: MLLMConfig) -> None:
     from gamma_mod_jax.convert.hf_config import mllm_config_to_dict
 
     path = os.path.join(workdir, MODEL_CONFIG_FILE)
-    with open(path + ".tmp", "w") as f:
-        json.dump(mllm_config_to_dict(cfg), f, indent=2)
-    os.replace(path + ".tmp", path)
+    write_json_atomic(path, mllm_config_to_dict(cfg))
 
 
 def write_final_model(workdir: str, graphdef, params, rest, log=print) -> Optional[str]:

@@ -56,6 +56,7 @@ from gamma_mod_jax.parallel.activations import activation_sharding
 from gamma_mod_jax.parallel.mesh import DEFAULT_MESH, describe, make_mesh
 from gamma_mod_jax.parallel.sharding import BatchPlacer, like_params, param_shardings, place, replicated
 from gamma_mod_jax.train.distill import load_teacher
+from gamma_mod_jax.io_utils import atomic_write
 from gamma_mod_jax.train.metrics import MetricsWriter
 from gamma_mod_jax.train.model_init import (check_training_config, model_for_training, write_final_model,  # noqa: F401
                                             write_model_config)
@@ -534,10 +535,8 @@ def _trim_metrics(workdir: str, last_step: int) -> None:
         return
     with open(path) as f:
         lines = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(path) as f:
         f.writelines(lines)
-    os.replace(tmp, path)
 
 
 def train(config, workdir: str, *, make_data_iterator: Optional[Callable] = None, log=print,

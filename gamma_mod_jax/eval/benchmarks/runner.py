@@ -20,6 +20,7 @@ from flax import nnx
 
 from gamma_mod_jax import token_types as tt
 from gamma_mod_jax.token_types import IMAGE_TOKEN_INDEX
+from gamma_mod_jax.io_utils import atomic_write
 from gamma_mod_jax.eval.benchmarks import readers
 from gamma_mod_jax.eval.benchmarks.answers import AnswerFile, answer_record, write_submission
 from gamma_mod_jax.eval.benchmarks.report import routing_summary
@@ -128,10 +129,8 @@ def _merge_skips(path: str, current: Dict[str, Dict[str, str]]) -> Dict[str, Dic
             merged = {}
     for reason, items in current.items():
         merged.setdefault(reason, {}).update(items)
-    tmp = path + ".partial"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(path) as f:
         json.dump(merged, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
     return merged
 
 
