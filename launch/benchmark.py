@@ -5,22 +5,22 @@ KV-cache bytes, on the same random weights (or a γ-MoD checkpoint's, `--checkpo
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
 from gamma_mod_jax.config_file import load_config
 from gamma_mod_jax.eval.benchmark import run_benchmark
 from gamma_mod_jax.io_utils import write_json_atomic
+from launch._common import parse_args, parser as make_parser
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--config", default="configs/benchmark.py")
-    parser.add_argument("--out", default="results.json")
+    parser = make_parser(__doc__)
+    parser.add_argument("--config", default="configs/benchmark.py", help="benchmark config: configs/<file>.py[:arg]")
+    parser.add_argument("--out", default="results.json", help="results JSON to write")
     parser.add_argument("--checkpoint", help="benchmark this γ-MoD model (a model directory or a launch.train workdir) instead of random weights; "
                                              "--config then gives only batch size, repeats and decode settings")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     config = load_config(args.config)
     model = None
     if args.checkpoint:

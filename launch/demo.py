@@ -20,7 +20,6 @@ and layer choices.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -29,6 +28,8 @@ import sys
 import time
 
 import numpy as np
+
+from launch._common import parse_args, parser as make_parser
 
 QUICK_NOTE = ("--quick: a few steps per stage, for a first look; these figures are not the README's "
               "(run `make demo` for those)")
@@ -282,14 +283,14 @@ def summarize(reports) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--out", default="out/demo")
+    parser = make_parser(__doc__)
+    parser.add_argument("--out", default="out/demo", help="output folder (report.md, report.json, plots)")
     parser.add_argument("--summarize", nargs="+", metavar="DIR",
                         help="print the README's figures (mean ± spread) from these demo outputs' report.json")
     parser.add_argument("--quick", action="store_true", help="a few steps per stage (smoke test)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of data order and weights")
     parser.add_argument("--config", default="configs/demo.py", help="configs/demo.py[:image=..,steps=..]")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if args.summarize:
         reports = []
         for directory in args.summarize:

@@ -17,13 +17,13 @@ decode tokens/s and, for γ-MoD models, the prompt's skip ratio per token type.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from typing import Dict, List, Tuple
 
 from gamma_mod_jax.io_utils import atomic_write
+from launch._common import parse_args as parse_launcher_args, parser as make_parser
 
 
 class InputError(ValueError):
@@ -31,7 +31,7 @@ class InputError(ValueError):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = make_parser(__doc__)
     parser.add_argument("--checkpoint", required=True, help="a model directory (launch.convert, launch.adapt) or a launch.train workdir / checkpoint")
     parser.add_argument("--tokenizer", required=True, help="a local tokenizer directory")
     parser.add_argument("--prompt", help="one question to answer (streamed)")
@@ -43,7 +43,7 @@ def parse_args(argv=None):
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt at most")
     parser.add_argument("--inference", choices=("threshold", "capacity"), default=None,
                         help="γ-MoD inference routing (default: the checkpoint's config, officially threshold)")
-    args = parser.parse_args(argv)
+    args = parse_launcher_args(parser, argv)
     if (args.prompt is None) == (args.jsonl is None):
         raise InputError("give either --prompt [--image IMG] or --jsonl FILE")
     if args.image is not None and args.prompt is None:

@@ -132,13 +132,13 @@ def write_final_model(workdir: str, graphdef, params, rest, log=print) -> Option
     path, or None with several processes: there Orbax's save waits at barriers for every
     process, and a model written by one of them hung it (seen with 2 processes), so the
     workdir stays the model (every launcher resolves it to its newest checkpoint) and
-    `launch.convert --src <workdir> --dst DIR` writes the directory."""
+    `launch.convert --checkpoint <workdir> --out DIR` writes the directory."""
     from gamma_mod_jax.convert.checkpoint import TRAINING_MODEL_DIR, save_checkpoint
 
     path = os.path.join(workdir, TRAINING_MODEL_DIR)
     if jax.process_count() > 1:
         log(f"model: not written with {jax.process_count()} processes; the workdir {workdir} is read as a model "
-            f"(its newest checkpoint), and `python -m launch.convert --src {workdir} --dst DIR` writes one")
+            f"(its newest checkpoint), and `python -m launch.convert --checkpoint {workdir} --out DIR` writes one")
         return None
     save_checkpoint(path, nnx.merge(graphdef, jax.device_get(params), rest), replace=True)
     log(f"model: wrote {path}")

@@ -725,7 +725,7 @@ def train(config, workdir: str, *, make_data_iterator: Optional[Callable] = None
         except OSError as e:
             raise CheckpointWriteError(f"{workdir}/model: cannot write the trained model ({e.strerror or e}); the "
                                        f"last checkpoint holds it ({checkpoints.last_good()}): `python -m "
-                                       f"launch.convert --src {workdir} --dst DIR` writes it") from None
+                                       f"launch.convert --checkpoint {workdir} --out DIR` writes it") from None
     return summary
 
 

@@ -204,7 +204,7 @@ def test_adapt_cli_gives_a_gamma_mod_checkpoint_equal_to_dense_when_every_token_
         dense, dense_ckpt, tmp_path, capsys, rng):
     arank = fake_report(tmp_path / "arank.json", [9.0, 3.0, 2.0, 8.0], keep_dense=2)  # MoD: 1, 2
     dst = str(tmp_path / "gamma")
-    code, stdout, stderr = run_cli(adapt_cli.main, ["--src", dense_ckpt, "--arank", arank, "--dst", dst,
+    code, stdout, stderr = run_cli(adapt_cli.main, ["--checkpoint", dense_ckpt, "--arank", arank, "--out", dst,
                                                     "--routing-ratio", "0.25"], capsys)
     assert code == 0, stderr
     assert "γ-MoD layers [1, 2], dense layers [0, 3]" in stdout
@@ -227,12 +227,12 @@ def test_adapt_cli_gives_a_gamma_mod_checkpoint_equal_to_dense_when_every_token_
     assert np.asarray(b.mod_aux["selected"]).all()
     np.testing.assert_allclose(np.asarray(b.logits), np.asarray(a.logits), rtol=1e-6, atol=1e-6)
 
-    # Reselection from the report's statistics; --dst must be new.
+    # Reselection from the report's statistics; --out must be new.
     dst2 = str(tmp_path / "gamma_k3")
-    assert run_cli(adapt_cli.main, ["--src", dense_ckpt, "--arank", arank, "--dst", dst2, "--keep-dense", "3"],
+    assert run_cli(adapt_cli.main, ["--checkpoint", dense_ckpt, "--arank", arank, "--out", dst2, "--keep-dense", "3"],
                    capsys)[0] == 0
     assert load_checkpoint(dst2).config.mod.layers == (2,)
-    code, _, stderr = run_cli(adapt_cli.main, ["--src", dense_ckpt, "--arank", arank, "--dst", dst2], capsys)
+    code, _, stderr = run_cli(adapt_cli.main, ["--checkpoint", dense_ckpt, "--arank", arank, "--out", dst2], capsys)
     assert code == 2 and "already exists" in stderr
 
 
@@ -278,7 +278,7 @@ def test_adapt_cli_refuses_bad_arank_files(dense_ckpt, tmp_path, capsys):
         path = tmp_path / name
         path.write_text(text)
         dst = tmp_path / f"out_{name}"
-        code, _, err = run_cli(adapt_cli.main, ["--src", dense_ckpt, "--arank", str(path), "--dst", str(dst)], capsys)
+        code, _, err = run_cli(adapt_cli.main, ["--checkpoint", dense_ckpt, "--arank", str(path), "--out", str(dst)], capsys)
         assert code == 2 and err.startswith(f"error: {path}") and message in err, (name, err)
         assert err.count("\n") == 1 and not dst.exists()
     assert mod_layers_from_arank_json(str(tmp_path / "ok.json"), num_layers=4, threshold=5.0) == (1, 2)
