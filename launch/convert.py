@@ -33,7 +33,7 @@ import json
 import os
 import sys
 
-from launch._common import parse_args, parser as make_parser
+from launch._common import parse_args, parser as make_parser, progress
 
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32"}
 
@@ -91,8 +91,10 @@ def main(argv=None) -> int:
             if wants_selection(args) or args.dtype or args.allow_nonfinite or args.vision_config:
                 raise ValueError("--arank, --mod-layers, --dtype, --allow-nonfinite and --vision-config apply to "
                                  "import, not --export")
-            export_hf_checkpoint(args.checkpoint, args.out, format=args.format, image_token_index=args.image_token_index,
-                                 max_shard_bytes=int(args.max_shard_gb * 2**30))
+            with progress(f"exporting {args.checkpoint} -> {args.out}"):
+                export_hf_checkpoint(args.checkpoint, args.out, format=args.format,
+                                     image_token_index=args.image_token_index,
+                                     max_shard_bytes=int(args.max_shard_gb * 2**30))
             return 0
         if args.format != "original" or args.image_token_index is not None:
             raise ValueError("--format and --image-token-index apply to --export")
@@ -108,7 +110,8 @@ def main(argv=None) -> int:
                                  "directories")
             source = resolve_model(args.checkpoint)
             mod = mod_config_from_args(args, source.config.llm.num_hidden_layers) if wants_selection(args) else None
-            cfg = write_model(source, args.out, mod=mod, seed=args.seed)
+            with progress(f"writing {source.describe()} -> {args.out}"):
+                cfg = write_model(source, args.out, mod=mod, seed=args.seed)
         else:
             vision_config = read_vision_config(args.vision_config) if args.vision_config else None
             mod = None
@@ -117,8 +120,10 @@ def main(argv=None) -> int:
                 hf_config = read_json(config_path)
                 validate_hf_config(hf_config, config_path)
                 mod = mod_config_from_args(args, num_llm_layers(hf_config))
-            cfg = convert_hf_checkpoint(args.checkpoint, args.out, dtype=DTYPES.get(args.dtype), mod=mod, seed=args.seed,
-                                        allow_nonfinite=args.allow_nonfinite, vision_config=vision_config)
+            with progress(f"converting {args.checkpoint} -> {args.out}"):
+                cfg = convert_hf_checkpoint(args.checkpoint, args.out, dtype=DTYPES.get(args.dtype), mod=mod,
+                                            seed=args.seed, allow_nonfinite=args.allow_nonfinite,
+                                            vision_config=vision_config)
         print(json.dumps({"out": os.path.abspath(args.out), "family": cfg.family,
                           "mod_layers": [] if cfg.mod is None else list(cfg.mod.layers)}))
         return 0

@@ -23,7 +23,7 @@ import sys
 from typing import Dict, List, Tuple
 
 from gamma_mod_jax.io_utils import atomic_write
-from launch._common import parse_args as parse_launcher_args, parser as make_parser
+from launch._common import parse_args as parse_launcher_args, parser as make_parser, progress
 
 
 class InputError(ValueError):
@@ -137,7 +137,8 @@ def run(args, out) -> int:
     cfg = source.config
     if args.inference and cfg.mod is not None:
         cfg = dataclasses.replace(cfg, mod=dataclasses.replace(cfg.mod, inference=args.inference))
-    model = load_checkpoint(source, config=cfg)
+    with progress(f"loading {source.describe()}"):
+        model = load_checkpoint(source, config=cfg)
     tokenizer = load_tokenizer(args.tokenizer)
     eos, pad = cfg.llm.eos_token_id, int(tokenizer.pad_token_id or 0)
     keys = ("input_ids", "attention_mask", "token_types", "pixel_values")
@@ -188,7 +189,8 @@ def run(args, out) -> int:
         batch = {k: jnp.asarray(batch[k]) for k in keys}
         if batch["input_ids"].shape not in compiled:  # compile first, so the figures time the work only
             compiled.add(batch["input_ids"].shape)
-            generate_timed(model, batch, max_new_tokens=args.max_new_tokens, eos_id=eos, pad_id=pad)
+            with progress(f"compiling generation for batch shape {tuple(batch['input_ids'].shape)}"):
+                generate_timed(model, batch, max_new_tokens=args.max_new_tokens, eos_id=eos, pad_id=pad)
         tokens, timing, aux = generate_timed(model, batch, max_new_tokens=args.max_new_tokens, eos_id=eos,
                                              pad_id=pad)
         for k in totals:

@@ -63,9 +63,9 @@ import ml_collections
 import numpy as np
 
 from gamma_mod_jax import token_types as tt
-from gamma_mod_jax.token_types import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from gamma_mod_jax.data import sources as src_lib
 from gamma_mod_jax.io_utils import atomic_write
+from gamma_mod_jax.token_types import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
 log = logging.getLogger(__name__)
 

@@ -51,12 +51,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from gamma_mod_jax.io_utils import atomic_write
 from gamma_mod_jax.parallel import data_parallel
 from gamma_mod_jax.parallel.activations import activation_sharding
 from gamma_mod_jax.parallel.mesh import DEFAULT_MESH, describe, make_mesh
 from gamma_mod_jax.parallel.sharding import BatchPlacer, like_params, param_shardings, place, replicated
+from gamma_mod_jax.progress import progress
 from gamma_mod_jax.train.distill import load_teacher
-from gamma_mod_jax.io_utils import atomic_write
 from gamma_mod_jax.train.metrics import MetricsWriter
 from gamma_mod_jax.train.model_init import (check_training_config, model_for_training, write_final_model,  # noqa: F401
                                             write_model_config)
@@ -637,7 +638,7 @@ def train(config, workdir: str, *, make_data_iterator: Optional[Callable] = None
                                 f"updates skipped, nothing saved after it; last good checkpoint: "
                                 f"{checkpoints.last_good()}. Lower the learning rate or check the data")
 
-    step, status = start, "finished"
+    step, status, compiled_shapes = start, "finished", set()
     try:
         while step < num_updates:
             # One update: micro-batches dispatched without waiting for the device (no value
@@ -655,7 +656,12 @@ def train(config, workdir: str, *, make_data_iterator: Optional[Callable] = None
                         status = "data exhausted"
                         break
                     batch, shape = item
-                    state, metrics = runner.run(state, batch)
+                    if shape in compiled_shapes:
+                        state, metrics = runner.run(state, batch)
+                    else:  # the first step of each batch shape compiles (a minute for a 7B model)
+                        with progress(f"compiling the training step for batch shape {shape}", log=info):
+                            state, metrics = runner.run(state, batch)
+                        compiled_shapes.add(shape)
                     prefetch.fill()
                     window.add(metrics, step + 1, shape)
             if status != "finished":

@@ -16,9 +16,9 @@ import os
 import uuid
 from typing import Dict, List
 
-from gamma_mod_jax.io_utils import atomic_write
 from gamma_mod_jax.eval.benchmarks.readers import OPTION_LETTERS, Benchmark, Question
 from gamma_mod_jax.eval.benchmarks.scoring import normalise_vqa_answer
+from gamma_mod_jax.io_utils import atomic_write
 
 _NAMESPACE = uuid.UUID("5c3f2b8e-6a51-4a0e-9a43-0d1b7a6e2f10")
 
