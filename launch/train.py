@@ -6,8 +6,8 @@
 Resumes automatically from the newest checkpoint in `<workdir>/checkpoints`; writes
 `<workdir>/metrics.jsonl`, TensorBoard files in `<workdir>/tensorboard`, the resolved
 config as `<workdir>/config.json`, the model config as `<workdir>/model_config.json`, and,
-once the run finishes (one process), the trained model as `<workdir>/model` (a model directory, as
-launch.convert writes; every launcher also takes the workdir itself). SIGTERM saves a
+once the run finishes, the trained model as `<workdir>/model` (a model directory, as
+launch.convert writes, by every process together; every launcher also takes the workdir itself). SIGTERM saves a
 checkpoint and exits cleanly.
 
 --config.init_checkpoint=DIR (a model directory or a workdir): the model config comes

@@ -28,7 +28,7 @@ MOD_RECIPE = "configs/train.py:llava15_7b_mod0.3,tiny"
 
 
 def launch_train(*args, timeout=600):
-    """`python -m launch.train ...` in a fresh process (absl flags are process-global)."""
+    """`python -m launch.train ...` in a fresh process (as a user runs it)."""
     return subprocess.run([sys.executable, "-m", "launch.train", *map(str, args)], capture_output=True, text=True,
                           env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.getcwd()), timeout=timeout)
 

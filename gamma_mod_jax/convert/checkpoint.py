@@ -125,16 +125,23 @@ def atomic_directory(dst: str, log: Callable[[str], None] = print, *, replace: b
     try:
         with _terminate_as_exception():
             yield tmp
-            if os.path.exists(dst):
-                old = f"{tmp}-replaced"  # a partial's name: removed by the next write if we die here
-                os.rename(dst, old)
-                os.rename(tmp, dst)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(tmp, dst)
+            _move_into_place(tmp, dst)
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _move_into_place(tmp: str, dst: str) -> None:
+    """Renames the finished temporary directory `tmp` to `dst`; an existing `dst` is moved
+    aside first (under a partial's name, removed by the next write if we die here) and
+    removed after."""
+    if os.path.exists(dst):
+        old = f"{tmp}-replaced"
+        os.rename(dst, old)
+        os.rename(tmp, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, dst)
 
 
 def _nest(items: Iterable[Tuple[Path, object]]) -> dict:
@@ -184,17 +191,15 @@ def _write_config(directory: str, cfg: MLLMConfig) -> None:
 
 def save_checkpoint(dst: str, model, *, replace: bool = False) -> None:
     """Writes `model` (parameters + config) to a new directory `dst`, atomically
-    (`replace`: an existing `dst` is replaced once the new one is complete; one process
-    only). The parameters go to Orbax as they are (jax arrays, sharded or not): each
-    process writes the shards it holds, nothing is gathered to one host. With several
-    processes every process calls it with the same `dst` (a file system they share);
-    process 0 writes the config and the manifest once all have written their shards,
-    then renames."""
+    (`replace`: an existing `dst` is replaced once the new one is complete). The
+    parameters go to Orbax as they are (jax arrays, sharded or not): each process writes
+    the shards it holds, nothing is gathered to one host. With several processes every
+    process calls it with the same `dst` (a file system they share; Orbax's save is a
+    collective); process 0 writes the config and the manifest once all have written their
+    shards, then renames."""
     params = _nest((path, var.get_value()) for path, var in param_paths(model))
     if jax.process_count() > 1:
-        if replace:
-            raise ValueError("save_checkpoint: replace=True is for one process")
-        _save_multiprocess(dst, params, model.config)
+        _save_multiprocess(dst, params, model.config, replace=replace)
         return
     with atomic_directory(dst, replace=replace) as tmp:
         ocp.save(os.path.join(tmp, PARAMS_DIR), params)
@@ -213,7 +218,7 @@ def _broadcast_text(text: str) -> str:
     return bytes(got[got != 0].astype(np.uint8)).decode()
 
 
-def _save_multiprocess(dst: str, params: dict, cfg: MLLMConfig) -> None:
+def _save_multiprocess(dst: str, params: dict, cfg: MLLMConfig, *, replace: bool = False) -> None:
     """save_checkpoint with several processes: process 0 picks and creates the temporary
     directory and tells the others (or the error, which every process then raises); all
     write their shards into it through Orbax; process 0 finishes and renames it; the last
@@ -223,7 +228,7 @@ def _save_multiprocess(dst: str, params: dict, cfg: MLLMConfig) -> None:
     answer = ""
     if lead:
         try:
-            if os.path.exists(dst):
+            if os.path.exists(dst) and not replace:
                 raise CheckpointError(f"{dst}: already exists; refusing to overwrite it")
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             remove_stale_partials(dst)
@@ -242,7 +247,7 @@ def _save_multiprocess(dst: str, params: dict, cfg: MLLMConfig) -> None:
             try:
                 _write_config(tmp, cfg)
                 write_manifest(tmp)
-                os.rename(tmp, dst)
+                _move_into_place(tmp, dst)
             except OSError as e:
                 outcome = f"error:{dst}: {e}"
         outcome = _broadcast_text(outcome)

@@ -126,21 +126,18 @@ def write_model_config(workdir: str, cfg: MLLMConfig) -> None:
     write_json_atomic(path, mllm_config_to_dict(cfg))
 
 
-def write_final_model(workdir: str, graphdef, params, rest, log=print) -> Optional[str]:
+def write_final_model(workdir: str, graphdef, params, rest, log=print) -> str:
     """`<workdir>/model`: the trained model as a model directory (the converter's format,
     what every launcher loads), replacing one an earlier finish of this run wrote; its
-    path, or None with several processes: there Orbax's save waits at barriers for every
-    process, and a model written by one of them hung it (seen with 2 processes), so the
-    workdir stays the model (every launcher resolves it to its newest checkpoint) and
-    `launch.convert --checkpoint <workdir> --out DIR` writes the directory."""
+    path. With several processes every process calls this (Orbax's save is a collective:
+    one process saving alone waits at its barriers for ever) with `params` the global
+    arrays the step leaves; each writes the shards it holds."""
     from gamma_mod_jax.convert.checkpoint import TRAINING_MODEL_DIR, save_checkpoint
 
     path = os.path.join(workdir, TRAINING_MODEL_DIR)
-    if jax.process_count() > 1:
-        log(f"model: not written with {jax.process_count()} processes; the workdir {workdir} is read as a model "
-            f"(its newest checkpoint), and `python -m launch.convert --checkpoint {workdir} --out DIR` writes one")
-        return None
-    save_checkpoint(path, nnx.merge(graphdef, jax.device_get(params), rest), replace=True)
+    if jax.process_count() == 1:
+        params = jax.device_get(params)
+    save_checkpoint(path, nnx.merge(graphdef, params, rest), replace=True)
     log(f"model: wrote {path}")
     return path
 

@@ -725,9 +725,7 @@ def train(config, workdir: str, *, make_data_iterator: Optional[Callable] = None
                "state": state, "graphdef": graphdef, "rest": rest}
     if status == "finished" and step == num_updates:
         try:
-            model_dir = write_final_model(workdir, graphdef, state.params, rest, log=info)
-            if model_dir:
-                summary["model"] = model_dir
+            summary["model"] = write_final_model(workdir, graphdef, state.params, rest, log=info)
         except OSError as e:
             raise CheckpointWriteError(f"{workdir}/model: cannot write the trained model ({e.strerror or e}); the "
                                        f"last checkpoint holds it ({checkpoints.last_good()}): `python -m "
