@@ -418,7 +418,9 @@ def load_checkpoint(src, sharding_for: Optional[Callable] = None, config: Option
 
 
 def abstract_model_for(cfg: MLLMConfig):
-    from gamma_mod_jax.api import abstract_model  # convert/ -> models/: the API builds the model
+    """The model of `cfg` with shape/dtype placeholders instead of arrays (allocates nothing;
+    validates the config, e.g. MoD layers that do not exist)."""
+    from gamma_mod_jax.models.mllm import abstract_model  # convert -> models, never -> api
 
     return abstract_model(cfg)
 
@@ -553,7 +555,6 @@ def convert_hf_checkpoint(src: str, dst: str, *, dtype: Optional[str] = None, mo
     (vision_towers.read_vision_config). config.json is validated before any weight file is
     opened; integer tensors and (unless `allow_nonfinite`) NaN/Inf values are errors.
     Returns the written model config."""
-    from gamma_mod_jax.api import abstract_model
     from gamma_mod_jax.models.adapt import fresh_values, plan_adaptation
 
     config_path = os.path.join(src, "config.json")
@@ -569,7 +570,7 @@ def convert_hf_checkpoint(src: str, dst: str, *, dtype: Optional[str] = None, mo
             raise CheckpointError(f"{config_path}: already a γ-MoD checkpoint (MoD layers {list(cfg.mod.layers)}); "
                                   "an ARank selection applies to dense checkpoints only")
         dense_cfg, cfg = cfg, dataclasses.replace(cfg, mod=mod)
-    model = abstract_model(cfg)  # validates the config (e.g. MoD layers that do not exist)
+    model = abstract_model_for(cfg)
     fresh = set(plan_adaptation(dense_cfg, cfg).fresh) if mod is not None else set()  # the router
     params = param_paths(model)
     chosen = match_state_dict(params, state_dict, keymap, source=src, skip=lambda path: path in fresh)
@@ -627,7 +628,6 @@ def export_hf_checkpoint(src: str, dst: str, *, format: str = "original", image_
     original LLaVA / LLaVA-HR / Mini-Gemini / γ-MoD code loads, or 'hf-llava', transformers'
     LlavaForConditionalGeneration (LLaVA-1.5 models only; `image_token_index` sets its image
     token id when the model's placeholder lies outside the vocabulary)."""
-    from gamma_mod_jax.api import abstract_model
 
     if format not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {format!r}; expected one of {', '.join(EXPORT_FORMATS)}")
@@ -641,7 +641,7 @@ def export_hf_checkpoint(src: str, dst: str, *, format: str = "original", image_
     else:
         hf_config = hf_config_from_mllm(cfg)
         keymap = mllm_keymap(cfg.family, _source_mod_layers(cfg))
-    model = abstract_model(cfg)
+    model = abstract_model_for(cfg)
     cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     groups: List[List[Tuple[Path, jax.ShapeDtypeStruct]]] = [[]]
     size = 0

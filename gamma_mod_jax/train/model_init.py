@@ -91,17 +91,18 @@ def model_for_training(config, log=print, explicit=None):
     checkpoint lacks and the config adds are the adaptation (models/adapt.py): the γ-MoD
     router, LLaVA-HR's MR-Adapters, freshly initialised from `config.seed`; every other
     weight is copied."""
-    from gamma_mod_jax import api
     from gamma_mod_jax.convert.checkpoint import load_checkpoint, read_params, resolve_model
     from gamma_mod_jax.models.adapt import adapt_model, plan_adaptation
+    from gamma_mod_jax.models.mllm import LlavaModel
 
-    cfg = api.model_config(config.model) if config.get("model") is not None else None
+    model = config.get("model")
+    cfg = None if model is None else model if isinstance(model, MLLMConfig) else MLLMConfig.from_dict(model)
     checkpoint = config.get("init_checkpoint")
     if not checkpoint:
         if cfg is None:
             raise ValueError("the config needs `model` or `init_checkpoint`")
         log(f"model: random initialisation (seed {config.seed})")
-        return api.build_model(cfg, seed=config.seed)
+        return LlavaModel(cfg, rngs=nnx.Rngs(config.seed))
     source = resolve_model(checkpoint, log)
     cfg = init_model_config(source.config, cfg, explicit, source=source.describe(), log=log)
     saved = dataclasses.replace(source.config, dtype=cfg.dtype, param_dtype=cfg.param_dtype, scan_layers=cfg.scan_layers)
