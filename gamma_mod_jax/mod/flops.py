@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Dict, Optional, Sequence
 
+from gamma_mod_jax.mod.config import check_layer_indices
+
 
 def decoder_layer_flops(seq_len: float, hidden: int, ffn: int) -> float:
     """One LLaMA decoder layer over `seq_len` tokens (paper convention)."""
@@ -149,6 +151,4 @@ def default_mod_layers(num_layers: int) -> tuple:
 def _check(llm_cfg, mod_layers, skip_ratio):
     if not 0.0 <= skip_ratio < 1.0:
         raise ValueError(f"skip ratio must be in [0, 1), got {skip_ratio}")
-    bad = [i for i in mod_layers if not 0 <= i < llm_cfg.num_hidden_layers]
-    if bad:
-        raise ValueError(f"MoD layers {bad} do not exist: the LLM has {llm_cfg.num_hidden_layers} layers")
+    check_layer_indices(mod_layers, llm_cfg.num_hidden_layers, source="MoD layers")

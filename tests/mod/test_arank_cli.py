@@ -269,7 +269,7 @@ def test_adapt_cli_refuses_bad_arank_files(dense_ckpt, tmp_path, capsys):
     report = json.loads(open(fake_report(tmp_path / "ok.json", [9.0, 3.0, 2.0, 8.0])).read())
     cases = {
         "layer40.json": (json.dumps({**report, "mod_layers": [1, 40]}),
-                         "'mod_layers': layer 40 does not exist: the model has 4 layers"),
+                         "'mod_layers': layer(s) [40] do not exist: the model has 4 layers"),
         "broken.json": ("{\"layers\": [", "not valid JSON"),
         "nokeys.json": (json.dumps({"format": ARANK_FORMAT, "layers": []}), "missing key(s) ['mod_layers', 'dense_layers']"),
         "all.json": (json.dumps({**report, "mod_layers": [0, 1, 2, 3], "dense_layers": []}), "at least one must stay dense"),
@@ -282,7 +282,7 @@ def test_adapt_cli_refuses_bad_arank_files(dense_ckpt, tmp_path, capsys):
         assert code == 2 and err.startswith(f"error: {path}") and message in err, (name, err)
         assert err.count("\n") == 1 and not dst.exists()
     assert mod_layers_from_arank_json(str(tmp_path / "ok.json"), num_layers=4, threshold=5.0) == (1, 2)
-    with pytest.raises(ValueError, match="five.json: 'layers': layer 4 does not exist: the model has 4 layers"):
+    with pytest.raises(ValueError, match=r"five.json: 'layers': layer\(s\) \[4\] do not exist: the model has 4 layers"):
         mod_layers_from_arank_json(fake_report(tmp_path / "five.json", [1.0] * 5), num_layers=4, keep_dense=1)
 
 
