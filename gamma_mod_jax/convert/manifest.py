@@ -58,10 +58,6 @@ def write_manifest(directory: str) -> str:
     return path
 
 
-def has_manifest(directory: str) -> bool:
-    return os.path.isfile(os.path.join(directory, MANIFEST_FILE))
-
-
 def verify_manifest(directory: str) -> Optional[str]:
     """Checks every file the manifest of `directory` lists: present, same size, same digest.
     Raises CheckpointIntegrityError naming the checkpoint and the first bad file. Returns

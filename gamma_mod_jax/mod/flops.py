@@ -106,11 +106,6 @@ def _mgm_vision_flops(cfg) -> Dict[str, float]:
             "vision_mining": mining}
 
 
-def full_model_tflops(mllm_cfg, seq_len: int, skip_ratio: float = 0.0,
-                      mod_layers: Optional[Sequence[int]] = None) -> float:
-    return sum(full_model_breakdown(mllm_cfg, seq_len, skip_ratio, mod_layers).values())
-
-
 def train_step_flops(mllm_cfg, batch_size: int, text_len: int, remat: str = "none") -> Dict[str, float]:
     """FLOPs of one training step (forward and backward) over a global batch of
     `batch_size` rows of `text_len` text tokens (placeholder included), as the model runs
