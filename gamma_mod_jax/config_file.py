@@ -70,7 +70,8 @@ def override_field(config, dotted: str, text: str, name: str = None) -> None:
     """config.<dotted> = the Python literal `text` (a plain string when it is not one, or
     when the field is a string). The field must exist (a config is locked: no new fields)
     and keep its type: an int for a float is fine, a list for a tuple too, `true`/`false`
-    for a bool; a field that is None takes any value. ValueError naming the field
+    for a bool; a typed placeholder (config_dict.placeholder(T)) takes a T, any other field
+    that is None any value. ValueError naming the field
     (`name`, default `dotted`) otherwise."""
     name = name or dotted
     *parents, leaf = dotted.split(".")
@@ -82,22 +83,32 @@ def override_field(config, dotted: str, text: str, name: str = None) -> None:
     if not isinstance(node, (dict, ml_collections.ConfigDict)) or leaf not in node:
         raise ValueError(f"{name}: no field {leaf!r}")
     old = node[leaf]
+    old_type = type(old) if old is not None else None
+    if old is None and isinstance(node, ml_collections.ConfigDict):
+        try:  # a typed placeholder (config_dict.placeholder(str)): None, of a declared type
+            declared = node.get_ref(leaf).get_type()
+        except ValueError:  # a plain None
+            declared = None
+        old_type = declared if declared not in (None, type(None)) else None
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
         value = text
-    if isinstance(old, str):
+    if old_type is str:
         value = text
-    elif isinstance(old, bool) and text.strip().lower() in ("true", "false"):
+    elif old_type is bool and text.strip().lower() in ("true", "false"):
         value = text.strip().lower() == "true"
-    elif isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+    elif old_type is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    elif isinstance(old, (list, tuple)) and isinstance(value, (list, tuple)):
-        value = type(old)(value)
-    elif isinstance(old, ml_collections.ConfigDict) and isinstance(value, dict):
+    elif old_type in (list, tuple) and isinstance(value, (list, tuple)):
+        value = old_type(value)
+    elif old_type is ml_collections.ConfigDict and isinstance(value, dict):
         value = ml_collections.ConfigDict(value)
-    wrong = (old is not None and not isinstance(value, type(old))) or (
-        isinstance(value, bool) and old is not None and not isinstance(old, bool))
+    wrong = old_type is not None and (not isinstance(value, old_type) or (isinstance(value, bool)
+                                                                          and old_type is not bool))
     if wrong:
-        raise ValueError(f"{name}={text}: expected {type(old).__name__}, got {type(value).__name__}")
-    node[leaf] = value
+        raise ValueError(f"{name}={text}: expected {old_type.__name__}, got {type(value).__name__}")
+    try:
+        node[leaf] = value
+    except TypeError as e:  # ConfigDict's own type check
+        raise ValueError(f"{name}={text}: {e}") from None

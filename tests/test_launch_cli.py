@@ -26,18 +26,22 @@ TINY = "configs/train.py:llava15_7b_mod0.3,tiny"
 
 
 def _config():
-    return ml_collections.ConfigDict({"train": {"num_steps": 10, "lr": 1e-3, "flag": True, "name": "a",
-                                                "buckets": (64, 128), "init": None}})
+    config = ml_collections.ConfigDict({"train": {"num_steps": 10, "lr": 1e-3, "flag": True, "name": "a",
+                                                  "buckets": (64, 128), "init": None}})
+    config.train.path = ml_collections.config_dict.placeholder(str)
+    config.train.peak = ml_collections.config_dict.placeholder(float)
+    return config
 
 
 def test_override_field_sets_typed_values():
     config = _config()
     for field, text in (("train.num_steps", "3"), ("train.lr", "2"), ("train.flag", "false"), ("train.name", "12"),
-                        ("train.buckets", "[96]"), ("train.init", "/ckpt/x")):
+                        ("train.buckets", "[96]"), ("train.init", "/ckpt/x"), ("train.path", "123"),
+                        ("train.peak", "2")):
         override_field(config, field, text)
     assert config.train.num_steps == 3 and config.train.lr == 2.0 and isinstance(config.train.lr, float)
     assert config.train.flag is False and config.train.name == "12" and config.train.buckets == (96,)
-    assert config.train.init == "/ckpt/x"
+    assert config.train.init == "/ckpt/x" and config.train.path == "123" and config.train.peak == 2.0
 
 
 @pytest.mark.parametrize("field, text, message", [
@@ -48,6 +52,7 @@ def test_override_field_sets_typed_values():
     ("train.num_steps", "True", "--config.train.num_steps=True: expected int, got bool"),
     ("train.flag", "1", "--config.train.flag=1: expected bool, got int"),
     ("train.buckets", "64", "--config.train.buckets=64: expected tuple, got int"),
+    ("train.peak", "fast", "--config.train.peak=fast: expected float, got str"),
 ])
 def test_override_field_errors_name_the_field(field, text, message):
     config = _config()

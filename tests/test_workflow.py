@@ -8,6 +8,7 @@ is no model and a model's own config.py as --config are clear errors (exit 2).""
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -58,6 +59,10 @@ def test_train_then_evaluate_export_arank_and_adapt_the_workdir(tokenizer, tmp_p
                           f"--config.data.tokenizer_path={tokenizer}", "--config.train.num_steps=2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.strip().splitlines()[-1])["model"] == str(run / "model")
+    # One progress line around the step's compile; no dependency INFO logs without --verbose.
+    assert re.search(r"^compiling the training step for batch shape \(\d+, \d+\) \.\.\.\n\.\.\. done in \d+\.\d s$",
+                     result.stdout, re.M), result.stdout[-3000:]
+    assert not re.search(r"^I\d{4} ", result.stderr, re.M), result.stderr[-3000:]
     trained = load_checkpoint(str(run / "model"))
     assert trained.config == gm.model_config("configs/llava15_7b.py:tiny")
     # The final model equals the last training checkpoint read as a model (another route:
