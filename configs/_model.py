@@ -3,6 +3,7 @@
 import ml_collections
 
 from gamma_mod_jax.models import presets
+from gamma_mod_jax.token_types import IMAGE_TOKEN_INDEX
 
 
 def parse_arg(arg):
@@ -34,7 +35,7 @@ def model_config(family, llm, clip, convnext=None, *, input_image_size, tiny=Fal
     m.adapter_gate_hidden = 16 if tiny else 512
     m.mm_hidden_size = clip["hidden_size"]
     m.projector_type = "mlp2x_gelu"
-    m.image_token_index = -200
+    m.image_token_index = IMAGE_TOKEN_INDEX
     m.dtype = dtype
     m.param_dtype = param_dtype
     # Scanned runs of layers (models/scan.py): the full-size models compile in a fraction

@@ -11,40 +11,15 @@ speed-up > 1) on every seed in under 15 minutes on a quiet 2-core machine; READM
 the measured figures. `configs/demo.py:<dotted field>=<value>,...` overrides any field.
 """
 
-import ast
 import re
 
 import ml_collections
 
 from configs import train as train_configs
+from gamma_mod_jax.config_file import override_field
 
 SHORT_NAMES = {"image": "model.input_image_size", "steps": "train.num_steps", "mod_steps": "demo.mod_steps",
                "lr": "optim.learning_rate", "vision_steps": "demo.vision_steps"}
-
-
-def _override(config, dotted: str, text: str) -> None:
-    """config.<dotted> = the Python literal `text` (a plain string when it is not one); the
-    key must exist and keep its type class (int for float is fine)."""
-    *parents, leaf = dotted.split(".")
-    node = config
-    for name in parents:
-        if name not in node:
-            raise ValueError(f"demo config argument {dotted}: no field {name!r}")
-        node = node[name]
-    if not isinstance(node, (dict, ml_collections.ConfigDict)) or leaf not in node:
-        raise ValueError(f"demo config argument {dotted}: no field {leaf!r}")
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        value = text
-    old = node[leaf]
-    if isinstance(old, float) and isinstance(value, int):
-        value = float(value)
-    if old is not None and not isinstance(value, type(old)) and not (isinstance(old, (list, tuple))
-                                                                    and isinstance(value, (list, tuple))):
-        raise ValueError(f"demo config argument {dotted}={text}: expected {type(old).__name__}, got "
-                         f"{type(value).__name__}")
-    node[leaf] = value
 
 
 def get_config(arg=None):
@@ -117,5 +92,5 @@ def get_config(arg=None):
             setup=20.0, vision_compile=40.0, vision_step=0.64, train_compile=30.0, dense_step=0.9, mod_step=0.95,
             eval_compile=15.0, eval_example=0.02, arank=10.0, report=20.0, distill_step=1.3))))
     for key, value in opts:
-        _override(config, key, value)
+        override_field(config, key, value, name=f"demo config argument {key}")
     return config

@@ -14,6 +14,7 @@ from gamma_mod_jax.config_file import load_config
 from gamma_mod_jax.convert.keymap import StateDictMismatchError, export_state_dict, load_state_dict, mllm_keymap
 from gamma_mod_jax.models.config import MLLMConfig
 from gamma_mod_jax.models.generate import generate
+from gamma_mod_jax.models import mllm
 from gamma_mod_jax.models.mllm import LlavaModel, MLLMOutput
 
 __all__ = ["load_config", "model_config", "build_model", "abstract_model", "adapt_to_gamma_mod", "load_torch_state_dict",
@@ -37,8 +38,7 @@ def build_model(config, seed: int = 0) -> LlavaModel:
 
 def abstract_model(config) -> LlavaModel:
     """The model with shape/dtype placeholders instead of arrays (allocates nothing)."""
-    cfg = model_config(config)
-    return nnx.eval_shape(lambda: LlavaModel(cfg, rngs=nnx.Rngs(0)))
+    return mllm.abstract_model(model_config(config))
 
 
 def adapt_to_gamma_mod(dense: LlavaModel, mod, seed: int = 0) -> LlavaModel:

@@ -12,3 +12,8 @@ QUESTION = 3
 ANSWER = 4
 
 NAMES = {PADDING: "padding", IMAGE: "image", SYSTEM: "system", QUESTION: "question", ANSWER: "answer"}
+
+# Token ids with a meaning of their own (LLaVA's constants): the label of positions without a
+# loss, and the placeholder id in input_ids where the image features are spliced in.
+IGNORE_INDEX = -100
+IMAGE_TOKEN_INDEX = -200

@@ -14,18 +14,16 @@ ARank at the cut the later becomes γ-MoD first (`--ties`, gamma_mod_jax/mod/ara
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import os
 import sys
-import tempfile
 
 from gamma_mod_jax import api as gm
 from gamma_mod_jax.convert.hf_files import CheckpointError
 from gamma_mod_jax.data.synthetic import batches_from_spec
+from gamma_mod_jax.io_utils import atomic_write, write_json_atomic
 from gamma_mod_jax.mod.arank import DEFAULT_TIES, TIES, arank_report
 from gamma_mod_jax.mod.arank_run import compute_arank
+from launch._common import parse_args, parser as make_parser
 
 DEFAULT_KEEP_DENSE = 4
 
@@ -64,25 +62,6 @@ def load_model(config_spec, checkpoint, *, seed: int = 0, log=print):
     return model
 
 
-def write_json_atomic(path: str, doc) -> None:
-    """Writes `doc` as JSON to `path` through a temporary sibling and os.replace."""
-    write_file_atomic(path, lambda f: f.write(json.dumps(doc, indent=2).encode() + b"\n"))
-
-
-def write_file_atomic(path: str, write) -> None:
-    """Writes `path` through a temporary sibling: `write(binary file)`, then os.replace."""
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".partial", dir=parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def plot_arank(report: dict, path: str) -> None:
     """Bar chart of mean ARank per layer (std as error bars), dense and MoD layers in two colours."""
     import matplotlib
@@ -112,7 +91,8 @@ def plot_arank(report: dict, path: str) -> None:
     ax.legend(loc="upper center", ncol=2)
     fig.tight_layout()
     try:
-        write_file_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))
+        with atomic_write(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=120)
     finally:
         plt.close(fig)
 
@@ -164,12 +144,12 @@ def run(args, log=print) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = make_parser(__doc__)
     parser.add_argument("--config", help="configs/<file>.py[:arg] (model config)")
     parser.add_argument("--checkpoint", help="dense model: a model directory or a launch.train workdir / checkpoint")
     parser.add_argument("--data", required=True, help="'random' or 'npz:<path>'")
-    parser.add_argument("--num-samples", type=int, required=True)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--num-samples", type=int, required=True, help="samples the ARank is averaged over")
+    parser.add_argument("--batch-size", type=int, default=4, help="samples per forward pass")
     parser.add_argument("--seed", type=int, default=0, help="data seed (and weight seed without --checkpoint)")
     rule = parser.add_mutually_exclusive_group()
     rule.add_argument("--keep-dense", type=int, help=f"the N highest-ARank layers stay dense (default {DEFAULT_KEEP_DENSE})")
@@ -180,7 +160,7 @@ def main(argv=None):
                         "(the paper's wording)")
     parser.add_argument("--out", required=True, help="ARank JSON to write")
     parser.add_argument("--plot", help="PNG bar chart to write")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if args.config is None and args.checkpoint is None:
         parser.error("give --config, --checkpoint or both")
     try:

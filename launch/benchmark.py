@@ -5,23 +5,22 @@ KV-cache bytes, on the same random weights (or a γ-MoD checkpoint's, `--checkpo
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
-import tempfile
 
 from gamma_mod_jax.config_file import load_config
 from gamma_mod_jax.eval.benchmark import run_benchmark
+from gamma_mod_jax.io_utils import write_json_atomic
+from launch._common import parse_args, parser as make_parser
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--config", default="configs/benchmark.py")
-    parser.add_argument("--out", default="results.json")
+    parser = make_parser(__doc__)
+    parser.add_argument("--config", default="configs/benchmark.py", help="benchmark config: configs/<file>.py[:arg]")
+    parser.add_argument("--out", default="results.json", help="results JSON to write")
     parser.add_argument("--checkpoint", help="benchmark this γ-MoD model (a model directory or a launch.train workdir) instead of random weights; "
                                              "--config then gives only batch size, repeats and decode settings")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     config = load_config(args.config)
     model = None
     if args.checkpoint:
@@ -34,11 +33,7 @@ def main(argv=None):
             print(f"error: {e}", file=sys.stderr)
             return 2
     results = run_benchmark(config, checkpoint_model=model)
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(out_dir, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=out_dir, delete=False, suffix=".tmp") as f:
-        json.dump(results, f, indent=2)
-    os.replace(f.name, args.out)  # never a half-written results file
+    write_json_atomic(args.out, results)  # never a half-written results file
     keys = ("prefill", "prefill_threshold", "train_step", "kv_cache", "decode", "compile_s")
     summary = {k: {f: v for f, v in results[k].items() if not f.endswith(("per_layer", "times_s"))}
                for k in keys}

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ast
 import importlib
-import importlib.util
 import os
 import sys
 
@@ -41,25 +40,6 @@ def _usage(known: dict) -> str:
     return "\n".join(lines)
 
 
-def resolve_config_flags(argv: list) -> list:
-    """`--config NAME[:arg]` / `--config=NAME[:arg]` with a shipped config's name -> its path
-    (absl's config flags read a file path)."""
-    from gamma_mod_jax.config_file import resolve_config_spec
-
-    out, i = [], 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "--config" and i + 1 < len(argv):
-            out += [arg, resolve_config_spec(argv[i + 1])]
-            i += 2
-            continue
-        if arg.startswith("--config="):
-            arg = "--config=" + resolve_config_spec(arg[len("--config="):])
-        out.append(arg)
-        i += 1
-    return out
-
-
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     known = commands()
@@ -70,19 +50,9 @@ def main(argv=None) -> int:
     if command not in known:
         print(f"gamma-mod: unknown command {argv[0]!r}\n\n{_usage(known)}", file=sys.stderr)
         return 2
-    try:
-        rest = resolve_config_flags(rest)
-    except FileNotFoundError as e:
-        print(f"gamma-mod {command}: {e}", file=sys.stderr)
-        return 2
     prog = f"gamma-mod {command}"
     sys.argv = [prog, *rest]  # argparse takes its prog from argv[0]
-    module = importlib.import_module(f"launch.{command}")
-    if module.__dict__.get("app") is not None and module.__dict__["app"].__name__ == "absl.app":
-        # absl launchers (train): flags are parsed by app.run from the full argv.
-        module.app.run(module.main, argv=sys.argv)
-        return 0
-    return module.main(rest) or 0
+    return importlib.import_module(f"launch.{command}").main(rest) or 0
 
 
 if __name__ == "__main__":

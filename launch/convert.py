@@ -1,9 +1,9 @@
 """Converts checkpoints between the original PyTorch code and ours, and training output to models.
 
-    python -m launch.convert --src <hf dir> --dst <dir> [--arank <file> | --mod-layers 3-30] [--dtype bf16|fp32]
+    python -m launch.convert --checkpoint <hf dir> --out <dir> [--arank <file> | --mod-layers 3-30] [--dtype bf16|fp32]
                              [--vision-config <file>]
-    python -m launch.convert --src <workdir | workdir/checkpoints/N> --dst <dir> [--arank <file> | --mod-layers ...]
-    python -m launch.convert --export [--format original|hf-llava] --src <model dir or workdir> --dst <hf dir>
+    python -m launch.convert --checkpoint <workdir | workdir/checkpoints/N> --out <dir> [--arank <file> | --mod-layers ...]
+    python -m launch.convert --export [--format original|hf-llava] --checkpoint <model dir or workdir> --out <hf dir>
 
 Import reads an HF-style directory (config.json plus `model*.safetensors` or
 `pytorch_model*.bin`, sharded with an index or single) of LLaVA-1.5, LLaVA-HR, Mini-Gemini,
@@ -21,18 +21,19 @@ or --threshold X), or named by hand; the shared router initialised as the MoD co
 `--export` writes our model back as safetensors shards + index + config.json, in the
 original layout or (`--format hf-llava`, LLaVA-1.5 only) as transformers' Llava.
 Every direction streams and writes atomically: on any error nothing is
-left at --dst and the exit status is 2 (130 on Ctrl-C or SIGTERM, after removing the
-temporary directory; one left by a harder kill is removed by the next run to --dst).
+left at --out and the exit status is 2 (130 on Ctrl-C or SIGTERM, after removing the
+temporary directory; one left by a harder kill is removed by the next run to --out).
 config.json is checked field by field before any weight is read; integer tensors and
 NaN/Inf values are errors (`--allow-nonfinite` keeps non-finite ones).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
+
+from launch._common import parse_args, parser as make_parser, progress
 
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32"}
 
@@ -40,10 +41,10 @@ DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float3
 def _parser():
     from launch._selection import add_selection_arguments
 
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--src", required=True, help="HF-style directory, a launch.train workdir or training "
-                        "checkpoint, or (with --export) a model directory or workdir")
-    parser.add_argument("--dst", required=True, help="new directory to write (must not exist)")
+    parser = make_parser(__doc__)
+    parser.add_argument("--checkpoint", required=True, help="the input model: an HF-style directory, a launch.train "
+                        "workdir or training checkpoint, or (with --export) a model directory or workdir")
+    parser.add_argument("--out", required=True, help="new directory to write (must not exist)")
     parser.add_argument("--export", action="store_true", help="our model -> HF-style safetensors directory")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="parameter/compute dtype of the imported model (default: as in the source)")
@@ -75,7 +76,7 @@ def _is_ours(src: str) -> bool:
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_args(_parser(), argv)
     from gamma_mod_jax.convert.checkpoint import (WriteInterrupted, convert_hf_checkpoint, export_hf_checkpoint,
                                                   resolve_model, write_model)
     from gamma_mod_jax.convert.hf_config import num_llm_layers, validate_hf_config
@@ -84,48 +85,53 @@ def main(argv=None) -> int:
     from launch._selection import mod_config_from_args, wants_selection
 
     try:
-        if os.path.exists(args.dst):
-            raise CheckpointError(f"{args.dst}: already exists; refusing to overwrite it")
+        if os.path.exists(args.out):
+            raise CheckpointError(f"{args.out}: already exists; refusing to overwrite it")
         if args.export:
             if wants_selection(args) or args.dtype or args.allow_nonfinite or args.vision_config:
                 raise ValueError("--arank, --mod-layers, --dtype, --allow-nonfinite and --vision-config apply to "
                                  "import, not --export")
-            export_hf_checkpoint(args.src, args.dst, format=args.format, image_token_index=args.image_token_index,
-                                 max_shard_bytes=int(args.max_shard_gb * 2**30))
+            with progress(f"exporting {args.checkpoint} -> {args.out}"):
+                export_hf_checkpoint(args.checkpoint, args.out, format=args.format,
+                                     image_token_index=args.image_token_index,
+                                     max_shard_bytes=int(args.max_shard_gb * 2**30))
             return 0
         if args.format != "original" or args.image_token_index is not None:
             raise ValueError("--format and --image-token-index apply to --export")
         if not wants_selection(args) and (args.keep_dense is not None or args.threshold is not None):
             raise ValueError("--keep-dense / --threshold need --arank")
-        if not _is_ours(args.src) and not os.path.isfile(os.path.join(args.src, "config.json")):
-            raise CheckpointError(f"{args.src}: not a model; expected a model directory (model_config.json + params/), "
+        if not _is_ours(args.checkpoint) and not os.path.isfile(os.path.join(args.checkpoint, "config.json")):
+            raise CheckpointError(f"{args.checkpoint}: not a model; expected a model directory (model_config.json + params/), "
                                   "a launch.train workdir (model/ or checkpoints/<step>/) or an HF-style directory "
                                   "(config.json + weights) to import")
-        if _is_ours(args.src):
+        if _is_ours(args.checkpoint):
             if args.dtype or args.allow_nonfinite or args.vision_config:
                 raise ValueError("--dtype, --allow-nonfinite and --vision-config apply to importing HF-style "
                                  "directories")
-            source = resolve_model(args.src)
+            source = resolve_model(args.checkpoint)
             mod = mod_config_from_args(args, source.config.llm.num_hidden_layers) if wants_selection(args) else None
-            cfg = write_model(source, args.dst, mod=mod, seed=args.seed)
+            with progress(f"writing {source.describe()} -> {args.out}"):
+                cfg = write_model(source, args.out, mod=mod, seed=args.seed)
         else:
             vision_config = read_vision_config(args.vision_config) if args.vision_config else None
             mod = None
             if wants_selection(args):
-                config_path = os.path.join(args.src, "config.json")
+                config_path = os.path.join(args.checkpoint, "config.json")
                 hf_config = read_json(config_path)
                 validate_hf_config(hf_config, config_path)
                 mod = mod_config_from_args(args, num_llm_layers(hf_config))
-            cfg = convert_hf_checkpoint(args.src, args.dst, dtype=DTYPES.get(args.dtype), mod=mod, seed=args.seed,
-                                        allow_nonfinite=args.allow_nonfinite, vision_config=vision_config)
-        print(json.dumps({"dst": os.path.abspath(args.dst), "family": cfg.family,
+            with progress(f"converting {args.checkpoint} -> {args.out}"):
+                cfg = convert_hf_checkpoint(args.checkpoint, args.out, dtype=DTYPES.get(args.dtype), mod=mod,
+                                            seed=args.seed, allow_nonfinite=args.allow_nonfinite,
+                                            vision_config=vision_config)
+        print(json.dumps({"out": os.path.abspath(args.out), "family": cfg.family,
                           "mod_layers": [] if cfg.mod is None else list(cfg.mod.layers)}))
         return 0
     except (ValueError, OSError) as e:  # CheckpointError, StateDictMismatchError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (WriteInterrupted, KeyboardInterrupt):
-        print(f"error: interrupted; nothing was written at {os.path.abspath(args.dst)}", file=sys.stderr)
+        print(f"error: interrupted; nothing was written at {os.path.abspath(args.out)}", file=sys.stderr)
         return 130
 
 

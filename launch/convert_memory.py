@@ -11,7 +11,6 @@ converts nothing). The last output line is JSON with every figure. Removes its f
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -21,6 +20,8 @@ import subprocess
 import sys
 
 import numpy as np
+
+from launch._common import parse_args, parser as make_parser
 
 
 def synthetic_config(target_bytes: float):
@@ -74,11 +75,11 @@ def child_peak_rss(argv) -> int:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = make_parser(__doc__)
     parser.add_argument("--gb", type=float, default=2.5, help="checkpoint size (fp32) in GB")
     parser.add_argument("--shard-gb", type=float, default=0.75, help="safetensors shard size in GB")
-    parser.add_argument("--workdir", default="/tmp/gamma_mod_convert_memory")
-    args = parser.parse_args(argv)
+    parser.add_argument("--workdir", default="/tmp/gamma_mod_convert_memory", help="scratch folder for the synthetic checkpoint (removed)")
+    args = parse_args(parser, argv)
     if os.path.exists(args.workdir):
         parser.error(f"--workdir {args.workdir} exists; give a new directory")
     src, dst = os.path.join(args.workdir, "src"), os.path.join(args.workdir, "ours")
@@ -91,7 +92,7 @@ def main(argv=None):
         total = sum(os.path.getsize(s) for s in shards)
         baseline = child_peak_rss([sys.executable, "-c", "import jax, orbax.checkpoint, safetensors; "
                                    "import gamma_mod_jax.convert.checkpoint, launch.convert"])
-        peak = child_peak_rss([sys.executable, "-m", "launch.convert", "--src", src, "--dst", dst])
+        peak = child_peak_rss([sys.executable, "-m", "launch.convert", "--checkpoint", src, "--out", dst])
         largest_tensor = max(tensor_bytes.values())
         bound = 1.5 * largest_shard + largest_tensor
         figures = {"checkpoint_bytes": total, "num_shards": len(shards), "largest_shard_bytes": largest_shard,

@@ -20,7 +20,6 @@ and layer choices.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -29,6 +28,8 @@ import sys
 import time
 
 import numpy as np
+
+from launch._common import parse_args, parser as make_parser
 
 QUICK_NOTE = ("--quick: a few steps per stage, for a first look; these figures are not the README's "
               "(run `make demo` for those)")
@@ -282,14 +283,14 @@ def summarize(reports) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--out", default="out/demo")
+    parser = make_parser(__doc__)
+    parser.add_argument("--out", default="out/demo", help="output folder (report.md, report.json, plots)")
     parser.add_argument("--summarize", nargs="+", metavar="DIR",
                         help="print the README's figures (mean ± spread) from these demo outputs' report.json")
     parser.add_argument("--quick", action="store_true", help="a few steps per stage (smoke test)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of data order and weights")
     parser.add_argument("--config", default="configs/demo.py", help="configs/demo.py[:image=..,steps=..]")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if args.summarize:
         reports = []
         for directory in args.summarize:
@@ -322,7 +323,8 @@ def main(argv=None):
     from gamma_mod_jax.mod.flops import paper_tflops
     from gamma_mod_jax.train.metrics import read_metrics
     from gamma_mod_jax.train.trainer import train
-    from launch.arank import plot_arank, write_json_atomic
+    from gamma_mod_jax.io_utils import write_json_atomic
+    from launch.arank import plot_arank
 
     out = args.out
     config = load_config(args.config)
@@ -526,7 +528,7 @@ def _timing_line(report: dict) -> str:
 
 
 def _write_markdown(out: str, report: dict, plots) -> None:
-    from launch.arank import write_file_atomic
+    from gamma_mod_jax.io_utils import atomic_write
 
     d, g = report["dense"], report["gamma_mod"]
     lines = [
@@ -556,7 +558,8 @@ def _write_markdown(out: str, report: dict, plots) -> None:
     lines += [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
     lines += ["", "| question | reference | γ-MoD answer |", "|---|---|---|"]
     lines += [f"| {e['question']} | {e['answer']} | {e['prediction']} |" for e in report["examples"]]
-    write_file_atomic(os.path.join(out, "report.md"), lambda f: f.write(("\n".join(lines) + "\n").encode()))
+    with atomic_write(os.path.join(out, "report.md")) as f:
+        f.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

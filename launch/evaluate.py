@@ -20,11 +20,12 @@ every prediction. Written atomically; errors exit with status 2.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import sys
+
+from launch._common import parse_args, parser as make_parser
 
 
 def data_section(spec: str, split: str, buckets) -> dict:
@@ -60,7 +61,7 @@ def run_benchmarks(args) -> int:
     from gamma_mod_jax.eval.benchmarks import readers
     from gamma_mod_jax.eval.benchmarks.report import markdown_table
     from gamma_mod_jax.eval.benchmarks.runner import Answerer, run_benchmark
-    from launch.arank import write_json_atomic, write_file_atomic
+    from gamma_mod_jax.io_utils import atomic_write, write_json_atomic
 
     names = readers.BENCHMARK_NAMES if args.benchmark == "all" else tuple(n for n in args.benchmark.split(",") if n)
     unknown = [n for n in names if n not in readers.READERS]
@@ -99,13 +100,14 @@ def run_benchmarks(args) -> int:
     table = markdown_table(rows)
     doc["table"] = table
     write_json_atomic(os.path.join(args.out, "scores.json"), doc)
-    write_file_atomic(os.path.join(args.out, "table.md"), lambda f: f.write(table.encode()))
+    with atomic_write(os.path.join(args.out, "table.md")) as f:
+        f.write(table)
     print(table)
     return 0
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = make_parser(__doc__)
     parser.add_argument("--checkpoint", required=True, help="a model directory, or a launch.train workdir / checkpoint")
     parser.add_argument("--tokenizer", required=True, help="a local tokenizer directory")
     parser.add_argument("--data", required=True, help="--benchmark: LLaVA's playground/data/eval folder; "
@@ -117,16 +119,16 @@ def main(argv=None) -> int:
     parser.add_argument("--mmbench-rounds", choices=("all", "first"), default="all",
                         help="MMBench: every rotation of the options (circular evaluation) or the first "
                         "only (LLaVA's script default)")
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--limit", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--split", default="test", help="data split (without --benchmark)")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N questions only")
+    parser.add_argument("--batch-size", type=int, default=32, help="questions generated together")
     parser.add_argument("--buckets", default=None, help="prompt lengths to pad to (one compile each; default "
                         "64,128,256, with --benchmark 128,256,512,1024)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default 8 (--benchmark: 16, MM-Vet's free-form answers 512)")
     parser.add_argument("--inference", choices=("threshold", "capacity"), default=None,
                         help="γ-MoD inference routing (default: the checkpoint's config)")
     parser.add_argument("--out", required=True, help="results JSON (--benchmark: an output folder)")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if args.benchmark:
         try:
             return run_benchmarks(args)
@@ -139,7 +141,7 @@ def main(argv=None) -> int:
     from gamma_mod_jax.data.pipeline import make_eval_examples
     from gamma_mod_jax.data.tokenizer import load_tokenizer
     from gamma_mod_jax.eval.vqa import evaluate_vqa
-    from launch.arank import write_json_atomic
+    from gamma_mod_jax.io_utils import write_json_atomic
 
     try:
         buckets = tuple(sorted(int(b) for b in args.buckets.split(",") if b))

@@ -15,6 +15,7 @@ import sys
 
 from gamma_mod_jax.api import model_config
 from gamma_mod_jax.mod.flops import default_mod_layers, full_model_breakdown, paper_tflops
+from launch._common import parse_args, parser as make_parser
 
 
 def parse_layers(text: str) -> tuple:
@@ -30,12 +31,12 @@ def parse_layers(text: str) -> tuple:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = make_parser(__doc__)
     parser.add_argument("--config", required=True, help="configs/<file>.py[:arg]")
-    parser.add_argument("--seq-len", type=int, default=1400)
+    parser.add_argument("--seq-len", type=int, default=1400, help="sequence length (image and text tokens)")
     parser.add_argument("--skip-ratio", type=float, default=0.0, help="share of the whole sequence skipping a MoD layer")
-    parser.add_argument("--mod-layers", type=parse_layers, default=None)
-    args = parser.parse_args(argv)
+    parser.add_argument("--mod-layers", type=parse_layers, default=None, help="γ-MoD layers, 0-based (3-30 or 3,4,5; default: the config's, else the released choice)")
+    args = parse_args(parser, argv)
     cfg = model_config(args.config)
     layers = args.mod_layers
     if layers is None:

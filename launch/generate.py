@@ -17,11 +17,13 @@ decode tokens/s and, for γ-MoD models, the prompt's skip ratio per token type.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
+
+from gamma_mod_jax.io_utils import atomic_write
+from launch._common import parse_args as parse_launcher_args, parser as make_parser, progress
 
 
 class InputError(ValueError):
@@ -29,7 +31,7 @@ class InputError(ValueError):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = make_parser(__doc__)
     parser.add_argument("--checkpoint", required=True, help="a model directory (launch.convert, launch.adapt) or a launch.train workdir / checkpoint")
     parser.add_argument("--tokenizer", required=True, help="a local tokenizer directory")
     parser.add_argument("--prompt", help="one question to answer (streamed)")
@@ -41,7 +43,7 @@ def parse_args(argv=None):
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt at most")
     parser.add_argument("--inference", choices=("threshold", "capacity"), default=None,
                         help="γ-MoD inference routing (default: the checkpoint's config, officially threshold)")
-    args = parser.parse_args(argv)
+    args = parse_launcher_args(parser, argv)
     if (args.prompt is None) == (args.jsonl is None):
         raise InputError("give either --prompt [--image IMG] or --jsonl FILE")
     if args.image is not None and args.prompt is None:
@@ -135,7 +137,8 @@ def run(args, out) -> int:
     cfg = source.config
     if args.inference and cfg.mod is not None:
         cfg = dataclasses.replace(cfg, mod=dataclasses.replace(cfg.mod, inference=args.inference))
-    model = load_checkpoint(source, config=cfg)
+    with progress(f"loading {source.describe()}"):
+        model = load_checkpoint(source, config=cfg)
     tokenizer = load_tokenizer(args.tokenizer)
     eos, pad = cfg.llm.eos_token_id, int(tokenizer.pad_token_id or 0)
     keys = ("input_ids", "attention_mask", "token_types", "pixel_values")
@@ -186,7 +189,8 @@ def run(args, out) -> int:
         batch = {k: jnp.asarray(batch[k]) for k in keys}
         if batch["input_ids"].shape not in compiled:  # compile first, so the figures time the work only
             compiled.add(batch["input_ids"].shape)
-            generate_timed(model, batch, max_new_tokens=args.max_new_tokens, eos_id=eos, pad_id=pad)
+            with progress(f"compiling generation for batch shape {tuple(batch['input_ids'].shape)}"):
+                generate_timed(model, batch, max_new_tokens=args.max_new_tokens, eos_id=eos, pad_id=pad)
         tokens, timing, aux = generate_timed(model, batch, max_new_tokens=args.max_new_tokens, eos_id=eos,
                                              pad_id=pad)
         for k in totals:
@@ -222,12 +226,8 @@ def main(argv=None, out=None) -> int:
     try:
         args = parse_args(argv)
         if args.out:
-            out_dir = os.path.dirname(os.path.abspath(args.out))
-            os.makedirs(out_dir, exist_ok=True)
-            with open(args.out + ".tmp", "w", encoding="utf-8") as f:
-                status = run(args, f)
-            os.replace(args.out + ".tmp", args.out)  # never a half-written answers file
-            return status
+            with atomic_write(args.out) as f:  # never a half-written answers file
+                return run(args, f)
         return run(args, out or sys.stdout)
     except (InputError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

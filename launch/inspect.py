@@ -5,13 +5,13 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from collections import OrderedDict
 
 from gamma_mod_jax import api as gm
 from gamma_mod_jax.convert.keymap import param_paths
+from launch._common import parse_args, parser as make_parser
 
 # Component = the first path elements that name it (longest match wins).
 COMPONENTS = (("vision", "clip"), ("vision", "convnext"), ("vision", "adapters"), ("vision", "fusion"),
@@ -32,9 +32,9 @@ def count_parameters(config) -> "OrderedDict[str, int]":
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = make_parser(__doc__)
     parser.add_argument("--config", required=True, help="configs/<file>.py[:arg]")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     counts = count_parameters(args.config)
     total = sum(counts.values())
     width = max(map(len, counts))

@@ -12,7 +12,7 @@
 # then SIGKILL after KILL_GRACE seconds (default 10), and the script exits with the
 # failed process's status and a message naming it: a job never hangs on a dead peer.
 # Environment: PYTHON (default .venv/bin/python if present, else python3), KILL_GRACE,
-# HEARTBEAT_TIMEOUT (seconds, passed as --heartbeat_timeout; default 30),
+# HEARTBEAT_TIMEOUT (seconds, passed as --heartbeat-timeout; default 30),
 # JAX_PLATFORMS (default cpu; set it to "" to let jax pick the accelerators).
 set -u -o pipefail
 
@@ -62,8 +62,8 @@ trap 'echo "local_multiprocess: interrupted; stopping all processes" >&2; stop_a
 
 echo "local_multiprocess: $NUM_PROCESSES process(es) x $DEVICES device(s), coordinator 127.0.0.1:$PORT" >&2
 for ((i = 0; i < NUM_PROCESSES; i++)); do
-  "$PYTHON" -u -m launch.train --coordinator_address="127.0.0.1:$PORT" --num_processes="$NUM_PROCESSES" \
-      --process_id="$i" --heartbeat_timeout="$HEARTBEAT_TIMEOUT" "$@" \
+  "$PYTHON" -u -m launch.train --coordinator-address="127.0.0.1:$PORT" --num-processes="$NUM_PROCESSES" \
+      --process-id="$i" --heartbeat-timeout="$HEARTBEAT_TIMEOUT" "$@" \
       > >(sed -u "s/^/[p$i] /") 2> >(sed -u "s/^/[p$i] /" >&2) &
   PIDS+=("$!")
   INDEX_OF[$!]=$i

@@ -1,23 +1,23 @@
 """Rewrite a LLaVA JSON file so the image placeholder leads its turn (the official γ-MoD rewrite).
 
-    python -m launch.move_image_to_front --src llava_v1_5_mix665k.json --dst mix665k_image_first.json
+    python -m launch.move_image_to_front --data llava_v1_5_mix665k.json --out mix665k_image_first.json
 
 Every turn whose value ends with "\\n<image>" gets "<image>\\n" in front instead (see
-gamma_mod_jax.data.conversation.move_image_to_front); everything else is copied. --src
-must hold a JSON list of records. --dst is written atomically (a temporary file in the
+gamma_mod_jax.data.conversation.move_image_to_front); everything else is copied. --data
+must hold a JSON list of records. --out is written atomically (a temporary file in the
 same folder, then renamed), so a failure leaves no partial file. Exit status 2 with an
-error naming the file when --src is missing or is not such a list.
+error naming the file when --data is missing or is not such a list.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
-import tempfile
 
 from gamma_mod_jax.data.conversation import move_image_to_front
+from gamma_mod_jax.io_utils import atomic_write
+from launch._common import parse_args, parser as make_parser
 
 
 def rewrite_file(src: str, dst: str):
@@ -40,33 +40,22 @@ def rewrite_file(src: str, dst: str):
         new = move_image_to_front(record)
         changed += new != record
         out.append(new)
-    folder = os.path.dirname(os.path.abspath(dst))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(dst) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(out, f, ensure_ascii=False, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_write(dst) as f:
+        json.dump(out, f, ensure_ascii=False, indent=1)
     return changed, len(out)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--src", required=True, help="LLaVA JSON file (a list of records)")
-    parser.add_argument("--dst", required=True, help="output JSON file (replaced atomically)")
-    args = parser.parse_args(argv)
+    parser = make_parser(__doc__)
+    parser.add_argument("--data", required=True, help="LLaVA JSON file (a list of records)")
+    parser.add_argument("--out", required=True, help="output JSON file (replaced atomically)")
+    args = parse_args(parser, argv)
     try:
-        changed, total = rewrite_file(args.src, args.dst)
+        changed, total = rewrite_file(args.data, args.out)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{args.src} -> {args.dst}: moved the image to the front in {changed} of {total} records")
+    print(f"{args.data} -> {args.out}: moved the image to the front in {changed} of {total} records")
     return 0
 
 

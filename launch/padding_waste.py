@@ -11,10 +11,11 @@ the model's image tokens). The last line is JSON."""
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
+
+from launch._common import parse_args, parser as make_parser
 
 
 def efficiency(plan, num_image_tokens: int) -> dict:
@@ -31,12 +32,12 @@ def efficiency(plan, num_image_tokens: int) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--config", default="configs/train.py:llava_hr_7b_mod0.34")
+    parser = make_parser(__doc__)
+    parser.add_argument("--config", default="configs/train.py:llava_hr_7b_mod0.34", help="training config: configs/<file>.py[:arg]")
     parser.add_argument("--global-batch", type=int, default=None, help="default: the recipe's data.batch_size")
     parser.add_argument("--lengths", default=None, help="a length index .npz (default: the assumed distribution)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the batch plan (and of the assumed length draw)")
+    args = parse_args(parser, argv)
 
     from gamma_mod_jax import api
     from gamma_mod_jax.config_file import load_config

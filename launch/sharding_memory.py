@@ -1,7 +1,7 @@
 """Per-device memory of the train state under FSDP, from the compiled training step.
 
     python -m launch.sharding_memory [--config configs/train.py:llava15_7b_mod0.3,tiny] \
-        [--devices 1,2,4,8] [--axis fsdp] [--batch_per_device 1] [--length 48]
+        [--devices 1,2,4,8] [--axis fsdp] [--batch-per-device 1] [--length 48]
 
 For each N the step is compiled (never run: parameters are abstract, so a 7B model
 costs no memory) on a mesh of N simulated CPU devices with the given axis of size N
@@ -13,22 +13,23 @@ what stays is the replicated remainder (vectors, dimensions N does not divide).
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
 import sys
 
+from launch._common import parse_args, parser as make_parser
+
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/train.py:llava15_7b_mod0.3,tiny")
+    parser = make_parser(__doc__)
+    parser.add_argument("--config", default="configs/train.py:llava15_7b_mod0.3,tiny", help="training config: configs/<file>.py[:arg]")
     parser.add_argument("--devices", default="1,2,4,8", help="comma-separated device counts")
-    parser.add_argument("--axis", default="fsdp", choices=("data", "fsdp", "tensor"))
-    parser.add_argument("--batch_per_device", type=int, default=1)
+    parser.add_argument("--axis", default="fsdp", choices=("data", "fsdp", "tensor"), help="the mesh axis the devices go to")
+    parser.add_argument("--batch-per-device", type=int, default=1, help="examples per device")
     parser.add_argument("--length", type=int, default=48, help="text length of the batch")
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     counts = [int(n) for n in args.devices.split(",")]
     if "jax" in sys.modules:
         raise SystemExit("run as a program: the device count is set before jax is imported")

@@ -14,7 +14,7 @@
 # jax.distributed.initialize (jax's own SLURM detection): the coordinator is the first
 # node of the step, on a port derived from the job id; each task takes its own GPU
 # (SLURM_LOCALID). Nothing to pass by hand. Outside SLURM use the flags instead:
-# --coordinator_address=HOST:PORT --num_processes=N --process_id=I.
+# --coordinator-address=HOST:PORT --num-processes=N --process-id=I.
 #
 # Parallelism: the config's mesh spans all GPUs of all nodes, process-major, `tensor`
 # innermost: keep tensor <= GPUs per node (tensor parallelism over NVLink), use fsdp
@@ -28,7 +28,7 @@
 # position is per process, so resume a run with the same process count for the same
 # data order). Metrics: process 0 writes <workdir>/metrics.jsonl and TensorBoard.
 # Failures: when a task dies, the others fail their next collective or are stopped by
-# jax's coordination service after --heartbeat_timeout seconds; srun --kill-on-bad-exit
+# jax's coordination service after --heartbeat-timeout seconds; srun --kill-on-bad-exit
 # ends the step at once. SIGTERM (scancel, preemption with --signal) reaches every task:
 # they agree to stop at the same step, save a checkpoint and exit; resubmitting the
 # same command resumes.
@@ -52,4 +52,4 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 export PYTHONUNBUFFERED=1
 
 srun --kill-on-bad-exit=1 --label --cpu-bind=none \
-    "$PYTHON" -m launch.train --heartbeat_timeout=120 "$@"
+    "$PYTHON" -m launch.train --heartbeat-timeout=120 "$@"

@@ -8,6 +8,7 @@ is no model and a model's own config.py as --config are clear errors (exit 2).""
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -28,7 +29,7 @@ MOD_RECIPE = "configs/train.py:llava15_7b_mod0.3,tiny"
 
 
 def launch_train(*args, timeout=600):
-    """`python -m launch.train ...` in a fresh process (absl flags are process-global)."""
+    """`python -m launch.train ...` in a fresh process (as a user runs it)."""
     return subprocess.run([sys.executable, "-m", "launch.train", *map(str, args)], capture_output=True, text=True,
                           env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.getcwd()), timeout=timeout)
 
@@ -58,11 +59,15 @@ def test_train_then_evaluate_export_arank_and_adapt_the_workdir(tokenizer, tmp_p
                           f"--config.data.tokenizer_path={tokenizer}", "--config.train.num_steps=2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.strip().splitlines()[-1])["model"] == str(run / "model")
+    # One progress line around the step's compile; no dependency INFO logs without --verbose.
+    assert re.search(r"^compiling the training step for batch shape \(\d+, \d+\) \.\.\.\n\.\.\. done in \d+\.\d s$",
+                     result.stdout, re.M), result.stdout[-3000:]
+    assert not re.search(r"^I\d{4} ", result.stderr, re.M), result.stderr[-3000:]
     trained = load_checkpoint(str(run / "model"))
     assert trained.config == gm.model_config("configs/llava15_7b.py:tiny")
     # The final model equals the last training checkpoint read as a model (another route:
     # the train state's parameters streamed out of the Orbax training checkpoint).
-    code, _, err = run_cli(convert.main, ["--src", run / "checkpoints" / "2", "--dst", tmp_path / "step2"], capsys)
+    code, _, err = run_cli(convert.main, ["--checkpoint", run / "checkpoints" / "2", "--out", tmp_path / "step2"], capsys)
     assert code == 0, err
     assert_same_params(load_checkpoint(str(tmp_path / "step2")), trained)
     # ... and differs from the initial weights (it trained)
@@ -75,9 +80,9 @@ def test_train_then_evaluate_export_arank_and_adapt_the_workdir(tokenizer, tmp_p
                                              "--max-new-tokens", "2", "--out", tmp_path / "eval.json"], capsys)
     assert code == 0, err
     assert json.loads((tmp_path / "eval.json").read_text())["num_examples"] == 4
-    code, _, err = run_cli(convert.main, ["--export", "--src", run, "--dst", tmp_path / "hf"], capsys)
+    code, _, err = run_cli(convert.main, ["--export", "--checkpoint", run, "--out", tmp_path / "hf"], capsys)
     assert code == 0, err
-    code, _, err = run_cli(convert.main, ["--src", tmp_path / "hf", "--dst", tmp_path / "back"], capsys)
+    code, _, err = run_cli(convert.main, ["--checkpoint", tmp_path / "hf", "--out", tmp_path / "back"], capsys)
     assert code == 0, err
     assert_same_params(load_checkpoint(str(tmp_path / "back")), trained)  # the export holds the trained weights
     code, out, err = run_cli(arank.main, ["--checkpoint", run, "--data", "random", "--num-samples", "2",
@@ -85,8 +90,8 @@ def test_train_then_evaluate_export_arank_and_adapt_the_workdir(tokenizer, tmp_p
     assert code == 0, err
     report = json.loads((tmp_path / "arank.json").read_text())
     assert len(report["dense_layers"]) == 2 and len(report["mod_layers"]) == 2  # exactly 2 dense, ties or not
-    code, out, err = run_cli(adapt.main, ["--src", run, "--arank", tmp_path / "arank.json",
-                                          "--dst", tmp_path / "gmod"], capsys)
+    code, out, err = run_cli(adapt.main, ["--checkpoint", run, "--arank", tmp_path / "arank.json",
+                                          "--out", tmp_path / "gmod"], capsys)
     assert code == 0, err
     gamma = load_checkpoint(str(tmp_path / "gmod"))
     assert gamma.config.mod.layers == tuple(report["mod_layers"])
@@ -101,15 +106,15 @@ def test_train_then_evaluate_export_arank_and_adapt_the_workdir(tokenizer, tmp_p
         first = f.read(1)
         f.seek(0)
         f.write(bytes([first[0] ^ 0xFF]))
-    code, out, err = run_cli(convert.main, ["--src", bare, "--dst", tmp_path / "from_bare"], capsys)
+    code, out, err = run_cli(convert.main, ["--checkpoint", bare, "--out", tmp_path / "from_bare"], capsys)
     assert code == 0, err
     assert f"skipping checkpoint {bare}/checkpoints/3: file {victim}" in out
     assert_same_params(load_checkpoint(str(tmp_path / "from_bare")), trained)
 
     # A directory that is neither: the error names it and says what was expected.
     (tmp_path / "empty").mkdir()
-    for main, flag in ((evaluate.main, "--checkpoint"), (convert.main, "--src")):
-        argv = [flag, tmp_path / "empty", "--out" if main is evaluate.main else "--dst", tmp_path / "x"]
+    for main in (evaluate.main, convert.main):
+        argv = ["--checkpoint", tmp_path / "empty", "--out", tmp_path / "x"]
         if main is evaluate.main:
             argv += ["--tokenizer", tokenizer, "--data", "easy_vqa"]
         code, _, err = run_cli(main, argv, capsys)
@@ -125,8 +130,8 @@ def test_train_from_a_converted_checkpoint_with_only_init_checkpoint(tokenizer, 
     cfg = dataclasses.replace(recipe_model, llm=dataclasses.replace(recipe_model.llm, num_hidden_layers=3,
                                                                      intermediate_size=96, rope_theta=5e5))
     save_checkpoint(str(tmp_path / "ours"), gm.build_model(cfg, seed=4))
-    assert convert.main(["--export", "--src", str(tmp_path / "ours"), "--dst", str(tmp_path / "hf")]) == 0
-    assert convert.main(["--src", str(tmp_path / "hf"), "--dst", str(tmp_path / "converted")]) == 0
+    assert convert.main(["--export", "--checkpoint", str(tmp_path / "ours"), "--out", str(tmp_path / "hf")]) == 0
+    assert convert.main(["--checkpoint", str(tmp_path / "hf"), "--out", str(tmp_path / "converted")]) == 0
 
     data = ["--config.data.source=easy_vqa", f"--config.data.tokenizer_path={tokenizer}"]
     run = tmp_path / "run"

@@ -125,16 +125,23 @@ def atomic_directory(dst: str, log: Callable[[str], None] = print, *, replace: b
     try:
         with _terminate_as_exception():
             yield tmp
-            if os.path.exists(dst):
-                old = f"{tmp}-replaced"  # a partial's name: removed by the next write if we die here
-                os.rename(dst, old)
-                os.rename(tmp, dst)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(tmp, dst)
+            _move_into_place(tmp, dst)
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _move_into_place(tmp: str, dst: str) -> None:
+    """Renames the finished temporary directory `tmp` to `dst`; an existing `dst` is moved
+    aside first (under a partial's name, removed by the next write if we die here) and
+    removed after."""
+    if os.path.exists(dst):
+        old = f"{tmp}-replaced"
+        os.rename(dst, old)
+        os.rename(tmp, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, dst)
 
 
 def _nest(items: Iterable[Tuple[Path, object]]) -> dict:
@@ -184,17 +191,15 @@ def _write_config(directory: str, cfg: MLLMConfig) -> None:
 
 def save_checkpoint(dst: str, model, *, replace: bool = False) -> None:
     """Writes `model` (parameters + config) to a new directory `dst`, atomically
-    (`replace`: an existing `dst` is replaced once the new one is complete; one process
-    only). The parameters go to Orbax as they are (jax arrays, sharded or not): each
-    process writes the shards it holds, nothing is gathered to one host. With several
-    processes every process calls it with the same `dst` (a file system they share);
-    process 0 writes the config and the manifest once all have written their shards,
-    then renames."""
+    (`replace`: an existing `dst` is replaced once the new one is complete). The
+    parameters go to Orbax as they are (jax arrays, sharded or not): each process writes
+    the shards it holds, nothing is gathered to one host. With several processes every
+    process calls it with the same `dst` (a file system they share; Orbax's save is a
+    collective); process 0 writes the config and the manifest once all have written their
+    shards, then renames."""
     params = _nest((path, var.get_value()) for path, var in param_paths(model))
     if jax.process_count() > 1:
-        if replace:
-            raise ValueError("save_checkpoint: replace=True is for one process")
-        _save_multiprocess(dst, params, model.config)
+        _save_multiprocess(dst, params, model.config, replace=replace)
         return
     with atomic_directory(dst, replace=replace) as tmp:
         ocp.save(os.path.join(tmp, PARAMS_DIR), params)
@@ -213,7 +218,7 @@ def _broadcast_text(text: str) -> str:
     return bytes(got[got != 0].astype(np.uint8)).decode()
 
 
-def _save_multiprocess(dst: str, params: dict, cfg: MLLMConfig) -> None:
+def _save_multiprocess(dst: str, params: dict, cfg: MLLMConfig, *, replace: bool = False) -> None:
     """save_checkpoint with several processes: process 0 picks and creates the temporary
     directory and tells the others (or the error, which every process then raises); all
     write their shards into it through Orbax; process 0 finishes and renames it; the last
@@ -223,7 +228,7 @@ def _save_multiprocess(dst: str, params: dict, cfg: MLLMConfig) -> None:
     answer = ""
     if lead:
         try:
-            if os.path.exists(dst):
+            if os.path.exists(dst) and not replace:
                 raise CheckpointError(f"{dst}: already exists; refusing to overwrite it")
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             remove_stale_partials(dst)
@@ -242,7 +247,7 @@ def _save_multiprocess(dst: str, params: dict, cfg: MLLMConfig) -> None:
             try:
                 _write_config(tmp, cfg)
                 write_manifest(tmp)
-                os.rename(tmp, dst)
+                _move_into_place(tmp, dst)
             except OSError as e:
                 outcome = f"error:{dst}: {e}"
         outcome = _broadcast_text(outcome)
@@ -413,7 +418,9 @@ def load_checkpoint(src, sharding_for: Optional[Callable] = None, config: Option
 
 
 def abstract_model_for(cfg: MLLMConfig):
-    from gamma_mod_jax.api import abstract_model  # convert/ -> models/: the API builds the model
+    """The model of `cfg` with shape/dtype placeholders instead of arrays (allocates nothing;
+    validates the config, e.g. MoD layers that do not exist)."""
+    from gamma_mod_jax.models.mllm import abstract_model  # convert -> models, never -> api
 
     return abstract_model(cfg)
 
@@ -548,7 +555,6 @@ def convert_hf_checkpoint(src: str, dst: str, *, dtype: Optional[str] = None, mo
     (vision_towers.read_vision_config). config.json is validated before any weight file is
     opened; integer tensors and (unless `allow_nonfinite`) NaN/Inf values are errors.
     Returns the written model config."""
-    from gamma_mod_jax.api import abstract_model
     from gamma_mod_jax.models.adapt import fresh_values, plan_adaptation
 
     config_path = os.path.join(src, "config.json")
@@ -564,7 +570,7 @@ def convert_hf_checkpoint(src: str, dst: str, *, dtype: Optional[str] = None, mo
             raise CheckpointError(f"{config_path}: already a γ-MoD checkpoint (MoD layers {list(cfg.mod.layers)}); "
                                   "an ARank selection applies to dense checkpoints only")
         dense_cfg, cfg = cfg, dataclasses.replace(cfg, mod=mod)
-    model = abstract_model(cfg)  # validates the config (e.g. MoD layers that do not exist)
+    model = abstract_model_for(cfg)
     fresh = set(plan_adaptation(dense_cfg, cfg).fresh) if mod is not None else set()  # the router
     params = param_paths(model)
     chosen = match_state_dict(params, state_dict, keymap, source=src, skip=lambda path: path in fresh)
@@ -622,7 +628,6 @@ def export_hf_checkpoint(src: str, dst: str, *, format: str = "original", image_
     original LLaVA / LLaVA-HR / Mini-Gemini / γ-MoD code loads, or 'hf-llava', transformers'
     LlavaForConditionalGeneration (LLaVA-1.5 models only; `image_token_index` sets its image
     token id when the model's placeholder lies outside the vocabulary)."""
-    from gamma_mod_jax.api import abstract_model
 
     if format not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {format!r}; expected one of {', '.join(EXPORT_FORMATS)}")
@@ -636,7 +641,7 @@ def export_hf_checkpoint(src: str, dst: str, *, format: str = "original", image_
     else:
         hf_config = hf_config_from_mllm(cfg)
         keymap = mllm_keymap(cfg.family, _source_mod_layers(cfg))
-    model = abstract_model(cfg)
+    model = abstract_model_for(cfg)
     cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     groups: List[List[Tuple[Path, jax.ShapeDtypeStruct]]] = [[]]
     size = 0

@@ -22,7 +22,6 @@ from gamma_mod_jax.convert.vision_towers import clip_settings, convnext_layer_no
 from gamma_mod_jax.models import presets
 from gamma_mod_jax.models.config import ClipConfig, ConvNextConfig, LlamaConfig, MLLMConfig
 
-MGM_MODEL_TYPES = ("mgm", "mod_mgm")
 DEFAULT_AUX_TOWER = "model_zoo/OpenAI/openclip-convnext-large-d-320-laion2B-s29B-b131K-ft-soup"
 
 

@@ -16,6 +16,8 @@ import json
 import os
 from typing import Dict, Optional
 
+from gamma_mod_jax.io_utils import atomic_write
+
 MANIFEST_FILE = "gamma_mod_jax_manifest.json"
 _CHUNK = 8 * 2**20
 
@@ -51,17 +53,9 @@ def write_manifest(directory: str) -> str:
     entries = {rel: {"bytes": os.path.getsize(full), "sha256": _digest(full)}
                for rel, full in _files(directory).items()}
     path = os.path.join(directory, MANIFEST_FILE)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(path) as f:
         json.dump({"format": 1, "files": entries}, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return path
-
-
-def has_manifest(directory: str) -> bool:
-    return os.path.isfile(os.path.join(directory, MANIFEST_FILE))
 
 
 def verify_manifest(directory: str) -> Optional[str]:

@@ -70,6 +70,7 @@ from typing import Dict, List, Mapping, Sequence, Tuple
 import numpy as np
 
 from gamma_mod_jax import token_types as tt
+from gamma_mod_jax.token_types import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
 VICUNA_V1_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                     "The assistant gives helpful, detailed, and polite answers to the user's questions.")
@@ -77,8 +78,6 @@ ROLES = ("USER", "ASSISTANT")             # vicuna_v1 roles for "human" and "gpt
 SEP = " "                                 # after the system prompt and after a user message
 SEP2 = "</s>"                             # after an assistant message
 DEFAULT_IMAGE_TOKEN = "<image>"
-IMAGE_TOKEN_INDEX = -200
-IGNORE_INDEX = -100
 TEMPLATES = ("vicuna_v1",)
 TRUNCATION_POLICIES = ("drop", "truncate_right")
 _SPEAKERS = ("human", "gpt")

@@ -118,19 +118,9 @@ def easy_vqa_records(split: str = "train", limit: Optional[int] = None,
     return records
 
 
-def easy_vqa_image_path(split: str, index: int) -> str:
-    """The PNG file of question `index` of `split` (KeyError if the package lacks it)."""
-    _, _, image_ids, paths = _split_data(split)
-    return paths[image_ids[index]]
-
-
 def easy_vqa_image_paths(split: str) -> Dict[int, str]:
     """{image id: PNG path} of a split."""
     return dict(_split_data(split)[3])
-
-
-def easy_vqa_split_size(split: str) -> int:
-    return len(_split_data(split)[0])
 
 
 # Words as the word-level tokenizer splits text: runs of letters / digits, and every

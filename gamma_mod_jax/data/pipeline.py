@@ -64,11 +64,11 @@ import numpy as np
 
 from gamma_mod_jax import token_types as tt
 from gamma_mod_jax.data import sources as src_lib
+from gamma_mod_jax.io_utils import atomic_write
+from gamma_mod_jax.token_types import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
-IMAGE_TOKEN_INDEX = -200
 SOURCES = ("llava_json", "tfds", "easy_vqa")
 TRUNCATION_POLICIES = ("drop", "truncate_right")
 
@@ -517,12 +517,10 @@ def length_index(source, n: int, tokenizer, cfg) -> LengthIndex:
              f" in {cfg.length_index_workers} processes" if int(cfg.length_index_workers) > 1 else "")
     index = build_length_index(source, n, tokenizer, cfg, workers=int(cfg.length_index_workers))
     if path:
-        tmp = f"{path}.{os.getpid()}.tmp.npz"
         try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            np.savez(tmp, lengths=index.lengths, has_image=index.has_image, ids=json.dumps(index.ids),
-                     problems=json.dumps({str(k): v for k, v in index.problems.items()}))
-            os.replace(tmp, path)
+            with atomic_write(path, "wb") as f:
+                np.savez(f, lengths=index.lengths, has_image=index.has_image, ids=json.dumps(index.ids),
+                         problems=json.dumps({str(k): v for k, v in index.problems.items()}))
         except OSError as e:  # a read-only data folder: rebuilt next time
             log.warning("could not cache the length index at %s (%s); set data.length_index_dir", path, e)
     return index

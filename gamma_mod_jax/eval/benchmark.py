@@ -31,6 +31,7 @@ from gamma_mod_jax.mod.routing import threshold_bucket_sizes, total_routing_loss
 from gamma_mod_jax.models.config import LlamaConfig, resolve_dtype
 from gamma_mod_jax.models.layers import attention_implementation
 from gamma_mod_jax.models.llama import Llama
+from gamma_mod_jax.progress import progress
 from gamma_mod_jax.train.distill import tempered_kl
 
 
@@ -43,7 +44,7 @@ def make_inputs(config, seed: int = 0, batch_size=None):
     types = np.concatenate([np.full(n_img, tt.IMAGE), np.full(n_sys, tt.SYSTEM),
                             np.full(n_txt // 2, tt.QUESTION), np.full(n_txt - n_txt // 2, tt.ANSWER)])
     types = np.broadcast_to(types, (b, s)).astype(np.int32)
-    labels = np.where(types == tt.ANSWER, rng.integers(0, config.llm["vocab_size"], (b, s)), -100).astype(np.int32)
+    labels = np.where(types == tt.ANSWER, rng.integers(0, config.llm["vocab_size"], (b, s)), tt.IGNORE_INDEX).astype(np.int32)
     embeds = (rng.standard_normal((b, s, h)) * 0.02).astype(np.float32)
     return {"embeds": jnp.asarray(embeds), "types": jnp.asarray(types), "labels": jnp.asarray(labels),
             "mask": jnp.ones((b, s), jnp.int32)}
@@ -72,10 +73,11 @@ def _time_interleaved(fns: Dict[str, Callable], args: Dict[str, tuple], repeats:
     return {name: {"median_s": statistics.median(t), "min_s": min(t), "times_s": t} for name, t in times.items()}
 
 
-def _compile(fn, args):
-    """(compiled executable, seconds spent lowering and compiling)."""
+def _compile(fn, args, what: str, log=print):
+    """(compiled executable, seconds spent lowering and compiling), with a progress line."""
     start = time.perf_counter()
-    compiled = fn.lower(*args).compile()
+    with progress(f"compiling {what}", log=log):
+        compiled = fn.lower(*args).compile()
     return compiled, time.perf_counter() - start
 
 
@@ -335,7 +337,7 @@ def run_benchmark(config, log=print, checkpoint_model=None) -> dict:
                     fn = _distill_step(gamma, dense, tx, distill_coef, answer_rows)
                     args[name] += (nnx.state(dense, nnx.Param),)
             with attention_implementation(attention) if attention else contextlib.nullcontext():
-                fns[name], compile_s = _compile(fn, args[name])
+                fns[name], compile_s = _compile(fn, args[name], f"{phase} ({name})", log)
             compiled_info[name] = {"compile_s": compile_s, **_memory(fns[name])}
         timings = _time_interleaved(fns, args, config.repeats, config.warmup)
         results["compile_s"][phase] = {name: info["compile_s"] for name, info in compiled_info.items()}
@@ -390,7 +392,7 @@ def run_benchmark(config, log=print, checkpoint_model=None) -> dict:
             prefill, decode = _decode_fns(model, routing, new_tokens)
             params = nnx.state(model, nnx.Param)
             token, caches = prefill(params, x)
-            fns[name], compile_s = _compile(decode, (params, token, caches))
+            fns[name], compile_s = _compile(decode, (params, token, caches), f"decode, batch {batch} ({name})", log)
             args[name] = (params, token, caches)
             results["compile_s"].setdefault(f"decode_batch_{batch}", {})[name] = compile_s
         timings = _time_interleaved(fns, args, config.repeats, config.warmup)

@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from gamma_mod_jax.models.generate import generate
+from gamma_mod_jax.progress import progress
 
 GENERATION_KEYS = ("input_ids", "attention_mask", "token_types", "pixel_values")
 
@@ -38,13 +39,14 @@ def _batches(examples: Iterable[dict], batch_size: int, buckets: Optional[Sequen
 
 
 def evaluate_vqa(model, examples: Iterable[dict], tokenizer, *, batch_size: int = 32,
-                 buckets: Optional[Sequence[int]] = None, max_new_tokens: int = 4, log=print) -> Dict[str, object]:
+                 buckets: Optional[Sequence[int]] = None, max_new_tokens: int = 4, log=None) -> Dict[str, object]:
     """Accuracy of `model` on eval examples (gamma_mod_jax.data.pipeline.make_eval_examples):
     {"accuracy", "num_examples", "predictions": [{id, question, answer, prediction, correct}],
     "samples_per_s" (generation, batches that did not compile; absent when all did), and for
     γ-MoD models "skip_ratio" (share of real prompt tokens skipping a MoD layer under
     the model's inference routing, mean over layers and prompts)}. Every batch is padded to
-    `batch_size` rows and a bucket length, so generation compiles once per bucket."""
+    `batch_size` rows and a bucket length, so generation compiles once per bucket
+    (a progress line each, through `log`; default stderr)."""
     predictions, skip = [], []
     timed_seconds, timed_examples, shapes = 0.0, 0, set()
     eos = model.config.llm.eos_token_id
@@ -61,10 +63,13 @@ def evaluate_vqa(model, examples: Iterable[dict], tokenizer, *, batch_size: int 
     for chunk, batch in _batches(examples, batch_size, buckets):
         device_batch = {k: jnp.asarray(batch[k]) for k in GENERATION_KEYS}
         start = time.perf_counter()
-        tokens = np.asarray(generate(model, device_batch, max_new_tokens=max_new_tokens, eos_id=eos))
         if batch["input_ids"].shape in shapes:  # batches that compiled are not timed
+            tokens = np.asarray(generate(model, device_batch, max_new_tokens=max_new_tokens, eos_id=eos))
             timed_seconds += time.perf_counter() - start
             timed_examples += len(chunk)
+        else:
+            with progress(f"compiling generation for batch shape {batch['input_ids'].shape}", log=log):
+                tokens = np.asarray(generate(model, device_batch, max_new_tokens=max_new_tokens, eos_id=eos))
         shapes.add(batch["input_ids"].shape)
         if forward is not None:
             # Skip ratio over the real examples only: run the batch without filler rows counted.

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gamma_mod_jax.mod.config import check_layer_indices
+
 
 def matrix_rank(x_bmn, size=None):
     """Rank of each [m, n] matrix in a batch, as numpy/torch `matrix_rank` with the default
@@ -166,13 +168,9 @@ def mod_layers_from_arank_json(path: str, *, num_layers: int, keep_dense=None, t
         raise ValueError(f"{path}: format {doc['format']!r} is not {ARANK_FORMAT!r}")
 
     def layer_list(key, values):
-        if not isinstance(values, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in values):
+        if not isinstance(values, list):
             raise ValueError(f"{path}: '{key}' must be a list of layer indices, got {values!r}")
-        for i in values:
-            if not 0 <= i < num_layers:
-                raise ValueError(f"{path}: '{key}': layer {i} does not exist: the model has {num_layers} layers")
-        if len(set(values)) != len(values):
-            raise ValueError(f"{path}: '{key}' lists a layer twice: {values}")
+        check_layer_indices(values, num_layers, source=f"{path}: '{key}'")
         return values
 
     reselect = keep_dense is not None or threshold is not None

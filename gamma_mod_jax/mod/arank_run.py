@@ -8,6 +8,7 @@ heads) are collected by `ARankAccumulator`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Callable, Iterable, Mapping, Optional
 
@@ -16,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from gamma_mod_jax.mod.arank import ARankAccumulator, attention_map_ranks, select_dense_layers
+from gamma_mod_jax.progress import progress
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "token_types")
 
@@ -64,15 +66,21 @@ def compute_arank(model, batches: Iterable[Mapping[str, np.ndarray]], *, log: Ca
     graphdef, state = nnx.split(model)
     ranks_fn = jax.jit(functools.partial(_batch_ranks, graphdef))
     acc = ARankAccumulator(num_layers)
-    width, done = None, 0
+    width, done, shapes = None, 0, set()
     for batch in batches:
         batch = {k: np.asarray(v) for k, v in batch.items() if k in MODEL_INPUTS}
         b = batch["input_ids"].shape[0]
         if b == 0:
             continue
         width = width or b
-        ranks, valid = ranks_fn(state, _fill_batch(batch, width) if b < width else batch)
-        acc.add([np.asarray(r)[:b] for r in ranks], np.asarray(valid)[:b])
+        batch = _fill_batch(batch, width) if b < width else batch
+        shape = batch["input_ids"].shape
+        with progress(f"compiling the ARank pass for batch shape {shape}", log) if shape not in shapes \
+                else contextlib.nullcontext():
+            ranks, valid = ranks_fn(state, batch)
+            ranks, valid = [np.asarray(r)[:b] for r in ranks], np.asarray(valid)[:b]
+        shapes.add(shape)
+        acc.add(ranks, valid)
         done += b
         log(f"ARank: {done}/{num_samples if num_samples is not None else '?'} samples")
     if done == 0:

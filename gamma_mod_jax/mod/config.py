@@ -23,6 +23,36 @@ ALWAYS_KEEP = {
 }
 
 
+
+def check_layer_indices(layers, num_layers: Optional[int] = None, *, source: str = "MoD layers",
+                        selection: bool = False) -> Tuple[int, ...]:
+    """The one check of 0-based decoder-layer indices (MoD layers from configs, selection
+    files, --mod-layers): the indices sorted, or ValueError naming `source` for an index
+    that is not an integer, is negative, is listed twice, or (with `num_layers`) is beyond
+    the model. `selection` (a γ-MoD layer choice for a model of `num_layers` layers): none
+    at all, or every layer (one must stay dense: it numbers decode positions), are errors too."""
+    values = list(layers)
+    if not all(isinstance(i, int) or (hasattr(i, "__index__") and not isinstance(i, float)) for i in values) \
+            or any(isinstance(i, bool) for i in values):
+        raise ValueError(f"{source}: layer indices must be integers, got {values!r}")
+    values = [int(i) for i in values]
+    twice = sorted({i for i in values if values.count(i) > 1})
+    if twice:
+        raise ValueError(f"{source}: layer(s) {twice} listed twice")
+    bad = [i for i in values if i < 0 or (num_layers is not None and i >= num_layers)]
+    if bad:
+        has = f": the model has {num_layers} layers (0-{num_layers - 1})" if num_layers is not None else \
+            " (0-based indices)"
+        raise ValueError(f"{source}: layer(s) {bad} do not exist{has}")
+    out = tuple(sorted(values))
+    if selection and not out:
+        raise ValueError(f"{source}: the selection has no γ-MoD layers (every layer stays dense); choose a rule "
+                         "that leaves some layers to γ-MoD (--keep-dense N below the number of layers, "
+                         "--threshold X) or name them with --mod-layers")
+    if selection and len(out) == num_layers:
+        raise ValueError(f"{source}: every layer would be a MoD layer; at least one must stay dense")
+    return out
+
 @dataclasses.dataclass(frozen=True)
 class MoDConfig:
     """Which decoder layers are MoD layers, and how they route.
@@ -85,8 +115,7 @@ class MoDConfig:
             raise ValueError(f"MoDConfig.threshold_buckets must be fractions in (0, 1] ending at 1.0, got {buckets}")
         if self.threshold_bucket_multiple < 1:
             raise ValueError(f"MoDConfig.threshold_bucket_multiple must be >= 1, got {self.threshold_bucket_multiple}")
-        if len(set(self.layers)) != len(self.layers) or any(i < 0 for i in self.layers):
-            raise ValueError(f"MoDConfig.layers must be distinct non-negative indices, got {self.layers}")
+        check_layer_indices(self.layers, source="MoDConfig.layers")
 
     @property
     def enabled(self) -> bool:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Dict, Optional, Sequence
 
+from gamma_mod_jax.mod.config import check_layer_indices
+
 
 def decoder_layer_flops(seq_len: float, hidden: int, ffn: int) -> float:
     """One LLaMA decoder layer over `seq_len` tokens (paper convention)."""
@@ -104,11 +106,6 @@ def _mgm_vision_flops(cfg) -> Dict[str, float]:
             "vision_mining": mining}
 
 
-def full_model_tflops(mllm_cfg, seq_len: int, skip_ratio: float = 0.0,
-                      mod_layers: Optional[Sequence[int]] = None) -> float:
-    return sum(full_model_breakdown(mllm_cfg, seq_len, skip_ratio, mod_layers).values())
-
-
 def train_step_flops(mllm_cfg, batch_size: int, text_len: int, remat: str = "none") -> Dict[str, float]:
     """FLOPs of one training step (forward and backward) over a global batch of
     `batch_size` rows of `text_len` text tokens (placeholder included), as the model runs
@@ -149,6 +146,4 @@ def default_mod_layers(num_layers: int) -> tuple:
 def _check(llm_cfg, mod_layers, skip_ratio):
     if not 0.0 <= skip_ratio < 1.0:
         raise ValueError(f"skip ratio must be in [0, 1), got {skip_ratio}")
-    bad = [i for i in mod_layers if not 0 <= i < llm_cfg.num_hidden_layers]
-    if bad:
-        raise ValueError(f"MoD layers {bad} do not exist: the LLM has {llm_cfg.num_hidden_layers} layers")
+    check_layer_indices(mod_layers, llm_cfg.num_hidden_layers, source="MoD layers")

@@ -21,6 +21,7 @@ from typing import Optional, Tuple
 
 from gamma_mod_jax.mod.arank import (ARANK_FORMAT, DEFAULT_TIES, mod_layers_from_arank_json, parse_official_log,
                                      select_dense_layers)
+from gamma_mod_jax.mod.config import check_layer_indices
 
 DEFAULT_KEEP_DENSE = 4  # the paper: the fourth-largest ARank is the threshold
 
@@ -42,29 +43,11 @@ def parse_layer_list(text: str, *, num_layers: Optional[int] = None, source: str
         if last < first:
             raise ValueError(f"{source} {text!r}: range {part!r} runs backwards")
         layers += range(first, last + 1)
-    twice = sorted({i for i in layers if layers.count(i) > 1})
-    if twice:
-        raise ValueError(f"{source} {text!r}: layer(s) {twice} listed twice")
-    if num_layers is not None:
-        bad = [i for i in layers if i >= num_layers]
-        if bad:
-            raise ValueError(f"{source} {text!r}: layer(s) {bad} do not exist: the model has {num_layers} layers "
-                             f"(0-{num_layers - 1})")
-    return tuple(sorted(layers))
+    return check_layer_indices(layers, num_layers, source=f"{source} {text!r}")
 
 
 def _check_layers(layers, num_layers: int, source: str) -> Tuple[int, ...]:
-    bad = [i for i in layers if not 0 <= int(i) < num_layers]
-    if bad:
-        raise ValueError(f"{source}: layer(s) {bad} do not exist: the model has {num_layers} layers (0-based)")
-    layers = tuple(sorted({int(i) for i in layers}))
-    if not layers:
-        raise ValueError(f"{source}: the selection has no γ-MoD layers (every layer stays dense); choose a rule "
-                         "that leaves some layers to γ-MoD (--keep-dense N below the number of layers, "
-                         "--threshold X) or name them with --mod-layers")
-    if len(layers) == num_layers:
-        raise ValueError(f"{source}: every layer would be a MoD layer; at least one must stay dense")
-    return layers
+    return check_layer_indices(layers, num_layers, source=source, selection=True)
 
 
 def read_layer_selection(path: str, *, num_layers: int, keep_dense: Optional[int] = None,

@@ -12,6 +12,7 @@ from typing import Any, Mapping, Optional, Tuple
 
 import jax.numpy as jnp
 
+from gamma_mod_jax import token_types as tt
 from gamma_mod_jax.mod.config import MoDConfig
 
 _DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
@@ -128,7 +129,7 @@ class MLLMConfig:
     image_grid: int = 1
     image_global: bool = False
     projector_type: str = "mlp2x_gelu"
-    image_token_index: int = -200  # placeholder id in input_ids where the image goes
+    image_token_index: int = tt.IMAGE_TOKEN_INDEX  # placeholder id in input_ids where the image goes
     mod: Optional[MoDConfig] = None  # γ-MoD layers and routing; None = dense model
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gamma_mod_jax.mod.config import MoDConfig
+from gamma_mod_jax.mod.config import MoDConfig, check_layer_indices
 from gamma_mod_jax.mod.layer import mod_layer_capacity, mod_layer_threshold
 from gamma_mod_jax.mod.routing import threshold_bucket_sizes
 from gamma_mod_jax.models.config import LlamaConfig
@@ -160,11 +160,7 @@ class Llama(nnx.Module):
         # the trainer (a training choice, not part of the model config).
         self.remat = "none"
         if self.mod is not None:
-            bad = [i for i in self.mod.layers if i >= cfg.num_hidden_layers]
-            if bad:
-                raise ValueError(f"MoD layers {bad} do not exist: the model has {cfg.num_hidden_layers} layers")
-            if len(self.mod.layers) == cfg.num_hidden_layers:
-                raise ValueError("at least one decoder layer must stay dense (it numbers decode positions)")
+            check_layer_indices(self.mod.layers, cfg.num_hidden_layers, source="MoD layers", selection=True)
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
                                       embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
         layers = [LlamaDecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)

@@ -192,3 +192,8 @@ class LlavaModel(nnx.Module):
         types = jnp.full(tokens_b1.shape, tt.ANSWER, jnp.int32)
         logits, caches, _ = self.llm(tokens_b1, caches=caches, token_types=types, routing=self.inference_routing)
         return logits, caches
+
+
+def abstract_model(cfg: MLLMConfig) -> LlavaModel:
+    """The model with shape/dtype placeholders instead of arrays (allocates nothing)."""
+    return nnx.eval_shape(lambda: LlavaModel(cfg, rngs=nnx.Rngs(0)))

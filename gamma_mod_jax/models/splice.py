@@ -13,8 +13,8 @@ import jax.numpy as jnp
 from flax import struct
 
 from gamma_mod_jax import token_types as tt
+from gamma_mod_jax.token_types import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 
 
 @struct.dataclass

@@ -38,12 +38,6 @@ def activation_sharding(mesh: jax.sharding.Mesh, rules=None):
         _ACTIVE.reset(token)
 
 
-def active_mesh() -> Optional[jax.sharding.Mesh]:
-    """The mesh of the enclosing `activation_sharding` context, or None."""
-    active = _ACTIVE.get()
-    return None if active is None else active[0]
-
-
 def constrain(x, logical: Sequence[Optional[str]]):
     """x with a sharding constraint from its dimensions' logical names (one per dimension)
     when an `activation_sharding` context is active; x itself otherwise."""

@@ -2,8 +2,8 @@
 the cluster (SLURM), before anything touches a device.
 
 Where the coordinates come from, first match wins:
-  1. explicit arguments (launch/train.py's --coordinator_address, --num_processes,
-     --process_id), e.g. launch/local_multiprocess.sh on one machine;
+  1. explicit arguments (launch/train.py's --coordinator-address, --num-processes,
+     --process-id), e.g. launch/local_multiprocess.sh on one machine;
   2. JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID in the environment;
   3. a cluster jax detects itself: a SLURM job step with more than one task (srun; one
      process per GPU, see launch/slurm.sh) or Open MPI's mpirun; jax reads address,
@@ -53,8 +53,8 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
     say = log or _log.info
     explicit = [v is not None and v != "" for v in (coordinator_address, num_processes, process_id)]
     if any(explicit) and not all(explicit):
-        raise ValueError("multi-process training needs all of --coordinator_address, --num_processes and "
-                         f"--process_id (got {coordinator_address!r}, {num_processes!r}, {process_id!r})")
+        raise ValueError("multi-process training needs all of --coordinator-address, --num-processes and "
+                         f"--process-id (got {coordinator_address!r}, {num_processes!r}, {process_id!r})")
     kwargs = dict(initialization_timeout=int(initialization_timeout_s),
                   heartbeat_timeout_seconds=int(heartbeat_timeout_s))
     if all(explicit):

@@ -19,7 +19,6 @@ import jax
 import numpy as np
 
 MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")  # mesh axes the batch is split over
 DEFAULT_MESH = {"data": -1, "fsdp": 1, "tensor": 1}
 
 

@@ -112,15 +112,6 @@ def like_params(tree, params, param_sharding_tree, default):
     return jax.tree_util.tree_map_with_path(pick, tree)
 
 
-def logical_axes_table(params) -> Dict[str, Tuple]:
-    """{parameter path: logical names} (None where no pattern applies): for inspection."""
-    out = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        name = path_string(path)
-        out[name] = param_logical_axes(name, len(leaf.shape))
-    return out
-
-
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

@@ -5,13 +5,13 @@ make), `<workdir>/model_config.json` at the start and `<workdir>/model` at the e
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Optional
 
 import jax
 from flax import nnx
 
+from gamma_mod_jax.io_utils import write_json_atomic
 from gamma_mod_jax.models.config import MLLMConfig
 
 
@@ -91,17 +91,18 @@ def model_for_training(config, log=print, explicit=None):
     checkpoint lacks and the config adds are the adaptation (models/adapt.py): the γ-MoD
     router, LLaVA-HR's MR-Adapters, freshly initialised from `config.seed`; every other
     weight is copied."""
-    from gamma_mod_jax import api
     from gamma_mod_jax.convert.checkpoint import load_checkpoint, read_params, resolve_model
     from gamma_mod_jax.models.adapt import adapt_model, plan_adaptation
+    from gamma_mod_jax.models.mllm import LlavaModel
 
-    cfg = api.model_config(config.model) if config.get("model") is not None else None
+    model = config.get("model")
+    cfg = None if model is None else model if isinstance(model, MLLMConfig) else MLLMConfig.from_dict(model)
     checkpoint = config.get("init_checkpoint")
     if not checkpoint:
         if cfg is None:
             raise ValueError("the config needs `model` or `init_checkpoint`")
         log(f"model: random initialisation (seed {config.seed})")
-        return api.build_model(cfg, seed=config.seed)
+        return LlavaModel(cfg, rngs=nnx.Rngs(config.seed))
     source = resolve_model(checkpoint, log)
     cfg = init_model_config(source.config, cfg, explicit, source=source.describe(), log=log)
     saved = dataclasses.replace(source.config, dtype=cfg.dtype, param_dtype=cfg.param_dtype, scan_layers=cfg.scan_layers)
@@ -123,26 +124,21 @@ def write_model_config(workdir: str, cfg: MLLMConfig) -> None:
     from gamma_mod_jax.convert.hf_config import mllm_config_to_dict
 
     path = os.path.join(workdir, MODEL_CONFIG_FILE)
-    with open(path + ".tmp", "w") as f:
-        json.dump(mllm_config_to_dict(cfg), f, indent=2)
-    os.replace(path + ".tmp", path)
+    write_json_atomic(path, mllm_config_to_dict(cfg))
 
 
-def write_final_model(workdir: str, graphdef, params, rest, log=print) -> Optional[str]:
+def write_final_model(workdir: str, graphdef, params, rest, log=print) -> str:
     """`<workdir>/model`: the trained model as a model directory (the converter's format,
     what every launcher loads), replacing one an earlier finish of this run wrote; its
-    path, or None with several processes: there Orbax's save waits at barriers for every
-    process, and a model written by one of them hung it (seen with 2 processes), so the
-    workdir stays the model (every launcher resolves it to its newest checkpoint) and
-    `launch.convert --src <workdir> --dst DIR` writes the directory."""
+    path. With several processes every process calls this (Orbax's save is a collective:
+    one process saving alone waits at its barriers for ever) with `params` the global
+    arrays the step leaves; each writes the shards it holds."""
     from gamma_mod_jax.convert.checkpoint import TRAINING_MODEL_DIR, save_checkpoint
 
     path = os.path.join(workdir, TRAINING_MODEL_DIR)
-    if jax.process_count() > 1:
-        log(f"model: not written with {jax.process_count()} processes; the workdir {workdir} is read as a model "
-            f"(its newest checkpoint), and `python -m launch.convert --src {workdir} --dst DIR` writes one")
-        return None
-    save_checkpoint(path, nnx.merge(graphdef, jax.device_get(params), rest), replace=True)
+    if jax.process_count() == 1:
+        params = jax.device_get(params)
+    save_checkpoint(path, nnx.merge(graphdef, params, rest), replace=True)
     log(f"model: wrote {path}")
     return path
 

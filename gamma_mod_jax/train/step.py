@@ -23,9 +23,9 @@ from flax import nnx
 from gamma_mod_jax import token_types as tt
 from gamma_mod_jax.mod.routing import total_routing_loss
 from gamma_mod_jax.models.mllm import answer_positions
+from gamma_mod_jax.token_types import IGNORE_INDEX
 from gamma_mod_jax.train.distill import DistillSpec, teacher_answer_logits, tempered_kl, top1_matches
 
-IGNORE_INDEX = -100
 BATCH_KEYS = ("input_ids", "attention_mask", "pixel_values", "token_types", "labels")
 
 

@@ -51,10 +51,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from gamma_mod_jax.io_utils import atomic_write
 from gamma_mod_jax.parallel import data_parallel
 from gamma_mod_jax.parallel.activations import activation_sharding
 from gamma_mod_jax.parallel.mesh import DEFAULT_MESH, describe, make_mesh
 from gamma_mod_jax.parallel.sharding import BatchPlacer, like_params, param_shardings, place, replicated
+from gamma_mod_jax.progress import progress
 from gamma_mod_jax.train.distill import load_teacher
 from gamma_mod_jax.train.metrics import MetricsWriter
 from gamma_mod_jax.train.model_init import (check_training_config, model_for_training, write_final_model,  # noqa: F401
@@ -534,10 +536,8 @@ def _trim_metrics(workdir: str, last_step: int) -> None:
         return
     with open(path) as f:
         lines = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(path) as f:
         f.writelines(lines)
-    os.replace(tmp, path)
 
 
 def train(config, workdir: str, *, make_data_iterator: Optional[Callable] = None, log=print,
@@ -638,7 +638,7 @@ def train(config, workdir: str, *, make_data_iterator: Optional[Callable] = None
                                 f"updates skipped, nothing saved after it; last good checkpoint: "
                                 f"{checkpoints.last_good()}. Lower the learning rate or check the data")
 
-    step, status = start, "finished"
+    step, status, compiled_shapes = start, "finished", set()
     try:
         while step < num_updates:
             # One update: micro-batches dispatched without waiting for the device (no value
@@ -656,7 +656,12 @@ def train(config, workdir: str, *, make_data_iterator: Optional[Callable] = None
                         status = "data exhausted"
                         break
                     batch, shape = item
-                    state, metrics = runner.run(state, batch)
+                    if shape in compiled_shapes:
+                        state, metrics = runner.run(state, batch)
+                    else:  # the first step of each batch shape compiles (a minute for a 7B model)
+                        with progress(f"compiling the training step for batch shape {shape}", log=info):
+                            state, metrics = runner.run(state, batch)
+                        compiled_shapes.add(shape)
                     prefetch.fill()
                     window.add(metrics, step + 1, shape)
             if status != "finished":
@@ -720,13 +725,11 @@ def train(config, workdir: str, *, make_data_iterator: Optional[Callable] = None
                "state": state, "graphdef": graphdef, "rest": rest}
     if status == "finished" and step == num_updates:
         try:
-            model_dir = write_final_model(workdir, graphdef, state.params, rest, log=info)
-            if model_dir:
-                summary["model"] = model_dir
+            summary["model"] = write_final_model(workdir, graphdef, state.params, rest, log=info)
         except OSError as e:
             raise CheckpointWriteError(f"{workdir}/model: cannot write the trained model ({e.strerror or e}); the "
                                        f"last checkpoint holds it ({checkpoints.last_good()}): `python -m "
-                                       f"launch.convert --src {workdir} --dst DIR` writes it") from None
+                                       f"launch.convert --checkpoint {workdir} --out DIR` writes it") from None
     return summary
 
 

@@ -97,9 +97,9 @@ ROUND_TRIPS = [(kind, fmt, shards) for kind in SPECS for fmt in ("safetensors", 
 def test_round_trip_is_bit_exact(rng, tmp_path, kind, fmt, shards):
     cfg, _, state = original_checkpoint(rng, kind)
     write_original(tmp_path / "src", state, hf_config_from_mllm(cfg), fmt, shards)
-    assert run_cli("--src", tmp_path / "src", "--dst", tmp_path / "ours") == 0
+    assert run_cli("--checkpoint", tmp_path / "src", "--out", tmp_path / "ours") == 0
     assert gm.model_config(str(tmp_path / "ours" / "config.py")) == cfg  # the ml-collections config beside it
-    assert run_cli("--export", "--src", tmp_path / "ours", "--dst", tmp_path / "back", "--max-shard-gb",
+    assert run_cli("--export", "--checkpoint", tmp_path / "ours", "--out", tmp_path / "back", "--max-shard-gb",
                    0.5 / 1024) == 0
     assert os.path.exists(tmp_path / "back" / ("model.safetensors.index.json"))  # 0.5 MiB shards: sharded
     assert_same_tensors(tmp_path / "back", state)
@@ -110,11 +110,11 @@ def test_round_trip_is_bit_exact(rng, tmp_path, kind, fmt, shards):
 def test_bf16_checkpoint_stays_bf16_and_round_trips_bit_exact(rng, tmp_path):
     cfg, _, state = original_checkpoint(rng, "gamma_mod", dtype=torch.bfloat16)
     write_original(tmp_path / "src", state, hf_config_from_mllm(cfg), "safetensors", 2)
-    assert run_cli("--src", tmp_path / "src", "--dst", tmp_path / "ours") == 0
+    assert run_cli("--checkpoint", tmp_path / "src", "--out", tmp_path / "ours") == 0
     model = load_checkpoint(str(tmp_path / "ours"))
     assert model.config.param_dtype == "bfloat16"
     assert model.llm.embed_tokens.embedding.get_value().dtype == jnp.bfloat16
-    assert run_cli("--export", "--src", tmp_path / "ours", "--dst", tmp_path / "back") == 0
+    assert run_cli("--export", "--checkpoint", tmp_path / "ours", "--out", tmp_path / "back") == 0
     assert_same_tensors(tmp_path / "back", state)
 
 
@@ -122,7 +122,7 @@ def test_bf16_checkpoint_stays_bf16_and_round_trips_bit_exact(rng, tmp_path):
 def test_converted_model_gives_the_pytorch_logits(rng, tmp_path, kind):
     cfg, ref, state = original_checkpoint(rng, kind)
     write_original(tmp_path / "src", state, hf_config_from_mllm(cfg), "bin", 2)
-    assert run_cli("--src", tmp_path / "src", "--dst", tmp_path / "ours", "--dtype", "fp32") == 0
+    assert run_cli("--checkpoint", tmp_path / "src", "--out", tmp_path / "ours", "--dtype", "fp32") == 0
     model = load_checkpoint(str(tmp_path / "ours"))
     ids, mask, pixels = mixed_batch(rng, cfg)
     with torch.no_grad():
@@ -143,7 +143,7 @@ def test_original_config_json_is_recognised_from_the_weights(rng, tmp_path):
     write_original(tmp_path / "src", state, config)
     (tmp_path / "towers.json").write_text(json.dumps({"clip": {"num_attention_heads": 4, "layer_norm_eps": 1e-5},
                                                       "convnext": {"layer_norm_eps": 1e-6}}))
-    assert run_cli("--src", tmp_path / "src", "--dst", tmp_path / "ours", "--vision-config",
+    assert run_cli("--checkpoint", tmp_path / "src", "--out", tmp_path / "ours", "--vision-config",
                    tmp_path / "towers.json") == 0
     got = gm.model_config(str(tmp_path / "ours" / "config.py"))
     assert got.family == "llava_hr" and got.llm == cfg.llm
@@ -168,7 +168,7 @@ def test_arank_files_turn_a_dense_checkpoint_into_gamma_mod(rng, tmp_path):
     write_original(tmp_path / "src", state, hf_config_from_mllm(cfg))
     # official log, averaged over samples: layers 3 and 0 have the highest ARank
     (tmp_path / "arank.log").write_text("some other output\n" + official_log([9.0, 2.0, 1.0, 12.0], rng=rng))
-    assert run_cli("--src", tmp_path / "src", "--dst", tmp_path / "ours", "--arank", tmp_path / "arank.log",
+    assert run_cli("--checkpoint", tmp_path / "src", "--out", tmp_path / "ours", "--arank", tmp_path / "arank.log",
                    "--keep-dense", 2) == 0
     model = load_checkpoint(str(tmp_path / "ours"))
     assert model.config.mod.layers == (1, 2)
@@ -181,14 +181,14 @@ def test_arank_files_turn_a_dense_checkpoint_into_gamma_mod(rng, tmp_path):
     assert router.shape == (cfg.llm.hidden_size, 2) and np.abs(router).max() > 0
     # a γ-MoD config.json names its layers directly; default rule on the log keeps 4 dense -> error (4 layers)
     (tmp_path / "gmod.json").write_text(json.dumps({"model_type": "mod_llava_llama", "mod": {"mod_layers_idx": [2]}}))
-    assert run_cli("--src", tmp_path / "src", "--dst", tmp_path / "ours2", "--arank", tmp_path / "gmod.json") == 0
+    assert run_cli("--checkpoint", tmp_path / "src", "--out", tmp_path / "ours2", "--arank", tmp_path / "gmod.json") == 0
     assert load_checkpoint(str(tmp_path / "ours2")).config.mod.layers == (2,)
 
 
 def test_restores_onto_a_device_mesh(rng, tmp_path):
     cfg, _, state = original_checkpoint(rng, "llava_hr")
     write_original(tmp_path / "src", state, hf_config_from_mllm(cfg))
-    assert run_cli("--src", tmp_path / "src", "--dst", tmp_path / "ours") == 0
+    assert run_cli("--checkpoint", tmp_path / "src", "--out", tmp_path / "ours") == 0
     script = textwrap.dedent(f"""
         import numpy as np, jax
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -230,7 +230,7 @@ def dense_source(rng, tmp_path):
 
 def assert_refused(capsys, tmp_path, args, *needles):
     dst = tmp_path / "out" / "ours"
-    assert run_cli(*args, "--dst", dst) == 2
+    assert run_cli(*args, "--out", dst) == 2
     err = capsys.readouterr().err
     for needle in needles:
         assert str(needle) in err, (needle, err)
@@ -242,7 +242,7 @@ def test_missing_shard_named_in_the_index(dense_source, capsys):
     cfg, state, tmp = dense_source
     write_original(tmp / "src", state, hf_config_from_mllm(cfg), "safetensors", 3)
     os.remove(tmp / "src" / "model-00002-of-00003.safetensors")
-    assert_refused(capsys, tmp, ["--src", tmp / "src"], "model.safetensors.index.json", "model-00002-of-00003")
+    assert_refused(capsys, tmp, ["--checkpoint", tmp / "src"], "model.safetensors.index.json", "model-00002-of-00003")
 
 
 def test_truncated_safetensors_file(dense_source, capsys):
@@ -251,7 +251,7 @@ def test_truncated_safetensors_file(dense_source, capsys):
     path = tmp / "src" / "model.safetensors"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) - 1000])
-    assert_refused(capsys, tmp, ["--src", tmp / "src"], path, "truncated")
+    assert_refused(capsys, tmp, ["--checkpoint", tmp / "src"], path, "truncated")
 
 
 def test_wrong_shape(dense_source, capsys):
@@ -259,20 +259,20 @@ def test_wrong_shape(dense_source, capsys):
     key = "model.layers.1.mlp.up_proj.weight"
     state[key] = torch.zeros(state[key].shape[0] + 1, state[key].shape[1])
     write_original(tmp / "src", state, hf_config_from_mllm(cfg))
-    assert_refused(capsys, tmp, ["--src", tmp / "src"], tmp / "src", "mis-shaped", key)
+    assert_refused(capsys, tmp, ["--checkpoint", tmp / "src"], tmp / "src", "mis-shaped", key)
 
 
 def test_unknown_model_type(dense_source, capsys):
     cfg, state, tmp = dense_source
     write_original(tmp / "src", state, {**hf_config_from_mllm(cfg), "model_type": "qwen2_vl"})
-    assert_refused(capsys, tmp, ["--src", tmp / "src"], tmp / "src" / "config.json", "qwen2_vl")
+    assert_refused(capsys, tmp, ["--checkpoint", tmp / "src"], tmp / "src" / "config.json", "qwen2_vl")
 
 
 def test_unexpected_key(dense_source, capsys):
     cfg, state, tmp = dense_source
     state["model.vision_tower.extra_head.weight"] = torch.ones(3)
     write_original(tmp / "src", state, hf_config_from_mllm(cfg), "bin", 2)
-    assert_refused(capsys, tmp, ["--src", tmp / "src"], "unexpected", "model.vision_tower.extra_head.weight")
+    assert_refused(capsys, tmp, ["--checkpoint", tmp / "src"], "unexpected", "model.vision_tower.extra_head.weight")
 
 
 def test_router_copies_that_differ(rng, tmp_path, capsys):
@@ -280,17 +280,17 @@ def test_router_copies_that_differ(rng, tmp_path, capsys):
     first, second = (f"model.layers.{i}.router.weight" for i in cfg.mod.layers)
     state[second] = state[second] + 1e-3
     write_original(tmp_path / "src", state, hf_config_from_mllm(cfg))
-    assert_refused(capsys, tmp_path, ["--src", tmp_path / "src"], "copies of one shared tensor differ", first, second)
+    assert_refused(capsys, tmp_path, ["--checkpoint", tmp_path / "src"], "copies of one shared tensor differ", first, second)
 
 
 def test_arank_file_naming_a_layer_that_does_not_exist(dense_source, capsys):
     cfg, state, tmp = dense_source
     write_original(tmp / "src", state, hf_config_from_mllm(cfg))
     (tmp / "gmod.json").write_text(json.dumps({"mod": {"mod_layers_idx": [1, 7]}}))
-    assert_refused(capsys, tmp, ["--src", tmp / "src", "--arank", tmp / "gmod.json"], tmp / "gmod.json",
+    assert_refused(capsys, tmp, ["--checkpoint", tmp / "src", "--arank", tmp / "gmod.json"], tmp / "gmod.json",
                    "[7] do not exist", "4 layers")
     (tmp / "arank.log").write_text(official_log([1.0, 2.0, 3.0, 4.0, 5.0]))
-    assert_refused(capsys, tmp, ["--src", tmp / "src", "--arank", tmp / "arank.log"], tmp / "arank.log",
+    assert_refused(capsys, tmp, ["--checkpoint", tmp / "src", "--arank", tmp / "arank.log"], tmp / "arank.log",
                    "5 layers", "4 layers")
 
 
@@ -307,7 +307,7 @@ def test_pickle_that_runs_code_is_refused_and_never_run(dense_source, capsys):
     write_original(tmp / "src", state, hf_config_from_mllm(cfg), "bin", 1)
     marker = tmp / "pwned"
     torch.save({**state, "model.norm.weight": _RunsCode(str(marker))}, tmp / "src" / "pytorch_model.bin")
-    assert_refused(capsys, tmp, ["--src", tmp / "src"], tmp / "src" / "pytorch_model.bin", "refused")
+    assert_refused(capsys, tmp, ["--checkpoint", tmp / "src"], tmp / "src" / "pytorch_model.bin", "refused")
     assert not marker.exists()
 
 
@@ -324,7 +324,7 @@ def test_failure_midway_leaves_nothing(dense_source, capsys, monkeypatch):
         return from_torch_array(path, value, dtype)
 
     monkeypatch.setattr(checkpoint, "from_torch_array", failing)
-    assert_refused(capsys, tmp, ["--src", tmp / "src"], "disk full")
+    assert_refused(capsys, tmp, ["--checkpoint", tmp / "src"], "disk full")
     assert len(calls) == 101
 
 
@@ -333,6 +333,6 @@ def test_existing_destination_is_not_overwritten(dense_source, capsys):
     write_original(tmp / "src", state, hf_config_from_mllm(cfg))
     (tmp / "taken").mkdir()
     (tmp / "taken" / "keep.txt").write_text("mine")
-    assert run_cli("--src", tmp / "src", "--dst", tmp / "taken") == 2
+    assert run_cli("--checkpoint", tmp / "src", "--out", tmp / "taken") == 2
     assert "already exists" in capsys.readouterr().err
     assert os.listdir(tmp / "taken") == ["keep.txt"]

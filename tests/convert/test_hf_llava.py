@@ -96,7 +96,7 @@ def hf_logits(model, ids, mask, pixels_bhwc):
 def test_transformers_llava_converts_to_its_logits(rng, tmp_path, layout, strategy, feature_layer):
     ref = hf_llava(rng, strategy, feature_layer)
     write_layout(ref, tmp_path / "src", layout)
-    assert run_cli("--src", tmp_path / "src", "--dst", tmp_path / "ours") == 0
+    assert run_cli("--checkpoint", tmp_path / "src", "--out", tmp_path / "ours") == 0
     model = load_checkpoint(str(tmp_path / "ours"))
     cfg = model.config
     assert (cfg.family, cfg.llm.kv_heads, cfg.clip.num_attention_heads, cfg.image_token_index) == ("llava", 2, 4,
@@ -118,9 +118,9 @@ def test_transformers_llava_converts_to_its_logits(rng, tmp_path, layout, strate
 def test_export_as_hf_llava_loads_in_transformers_with_equal_logits(rng, tmp_path):
     ref = hf_llava(rng)
     state = write_layout(ref, tmp_path / "src", "hub")
-    assert run_cli("--src", tmp_path / "src", "--dst", tmp_path / "ours") == 0
+    assert run_cli("--checkpoint", tmp_path / "src", "--out", tmp_path / "ours") == 0
     # the README's command
-    assert run_cli("--export", "--format", "hf-llava", "--src", tmp_path / "ours", "--dst", tmp_path / "hf") == 0
+    assert run_cli("--export", "--format", "hf-llava", "--checkpoint", tmp_path / "ours", "--out", tmp_path / "hf") == 0
     assert_same_tensors(tmp_path / "hf", state)  # the hub layout, bit for bit
     back = transformers.LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32)
     back.eval()
@@ -129,7 +129,7 @@ def test_export_as_hf_llava_loads_in_transformers_with_equal_logits(rng, tmp_pat
     valid = mask.astype(bool)
     assert rel_err(hf_logits(back, ids, mask, pixels)[valid], hf_logits(ref, ids, mask, pixels)[valid]) <= 1e-5
     # and it imports back into the same model
-    assert run_cli("--src", tmp_path / "hf", "--dst", tmp_path / "again") == 0
+    assert run_cli("--checkpoint", tmp_path / "hf", "--out", tmp_path / "again") == 0
     assert gm.model_config(str(tmp_path / "again" / "config.py")) == gm.model_config(str(tmp_path / "ours" /
                                                                                            "config.py"))
 
@@ -138,9 +138,9 @@ def test_export_as_hf_llava_loads_in_transformers_with_equal_logits(rng, tmp_pat
 def test_hf_llava_export_of_a_model_transformers_cannot_hold_is_refused(rng, tmp_path, capsys, kind):
     cfg, _, state = original_checkpoint(rng, kind)
     write_original(tmp_path / "src", state, hf_config_from_mllm(cfg))
-    assert run_cli("--src", tmp_path / "src", "--dst", tmp_path / "ours") == 0
+    assert run_cli("--checkpoint", tmp_path / "src", "--out", tmp_path / "ours") == 0
     capsys.readouterr()
-    assert_refused(capsys, tmp_path, ["--export", "--format", "hf-llava", "--src", tmp_path / "ours"],
+    assert_refused(capsys, tmp_path, ["--export", "--format", "hf-llava", "--checkpoint", tmp_path / "ours"],
                    "no transformers-native class", "γ-MoD model" if kind == "gamma_mod" else "'llava_hr'",
                    "--format original")
 
@@ -148,12 +148,12 @@ def test_hf_llava_export_of_a_model_transformers_cannot_hold_is_refused(rng, tmp
 def test_hf_llava_export_needs_an_image_token_inside_the_vocabulary(rng, tmp_path, capsys):
     cfg, _, state = original_checkpoint(rng, "llava")  # the original placeholder, -200
     write_original(tmp_path / "src", state, hf_config_from_mllm(cfg))
-    assert run_cli("--src", tmp_path / "src", "--dst", tmp_path / "ours") == 0
+    assert run_cli("--checkpoint", tmp_path / "src", "--out", tmp_path / "ours") == 0
     capsys.readouterr()
-    assert_refused(capsys, tmp_path, ["--export", "--format", "hf-llava", "--src", tmp_path / "ours"], "-200",
+    assert_refused(capsys, tmp_path, ["--export", "--format", "hf-llava", "--checkpoint", tmp_path / "ours"], "-200",
                    "--image-token-index")
-    assert run_cli("--export", "--format", "hf-llava", "--image-token-index", 3, "--src", tmp_path / "ours",
-                   "--dst", tmp_path / "hf") == 0
+    assert run_cli("--export", "--format", "hf-llava", "--image-token-index", 3, "--checkpoint", tmp_path / "ours",
+                   "--out", tmp_path / "hf") == 0
     assert json.load(open(tmp_path / "hf" / "config.json"))["image_token_index"] == 3
 
 
@@ -188,13 +188,13 @@ def clip_config_json(cfg):
 
 def test_tower_settings_that_cannot_be_found_stop_the_conversion(rng, tmp_path, capsys):
     original_llava_without_our_key(rng, tmp_path, "/nowhere/my-vit")
-    assert_refused(capsys, tmp_path, ["--src", tmp_path / "src"], "head count", "mm_vision_tower='/nowhere/my-vit'",
+    assert_refused(capsys, tmp_path, ["--checkpoint", tmp_path / "src"], "head count", "mm_vision_tower='/nowhere/my-vit'",
                    "--vision-config")
 
 
 def test_a_public_tower_name_on_other_weights_is_refused(rng, tmp_path, capsys):
     original_llava_without_our_key(rng, tmp_path, "openai/clip-vit-large-patch14-336")
-    assert_refused(capsys, tmp_path, ["--src", tmp_path / "src"], "does not describe the tower in the weights",
+    assert_refused(capsys, tmp_path, ["--checkpoint", tmp_path / "src"], "does not describe the tower in the weights",
                    "hidden_size 1024 (weights: 32)")
 
 
@@ -204,7 +204,7 @@ def test_tower_settings_from_an_override_a_local_tower_or_the_hf_cache(rng, tmp_
     (tmp_path / "ours.json").write_text(json.dumps({"clip": {"num_attention_heads": 4, "layer_norm_eps": 1e-5}}))
     (tmp_path / "tower.json").write_text(json.dumps(clip_config_json(cfg)))
     for n, override in enumerate(["ours.json", "tower.json"]):
-        assert run_cli("--src", tmp_path / "src", "--dst", tmp_path / f"o{n}", "--vision-config",
+        assert run_cli("--checkpoint", tmp_path / "src", "--out", tmp_path / f"o{n}", "--vision-config",
                        tmp_path / override) == 0
         assert same_model(tmp_path / f"o{n}", cfg)
     # mm_vision_tower naming a local directory with the tower's config.json
@@ -213,7 +213,7 @@ def test_tower_settings_from_an_override_a_local_tower_or_the_hf_cache(rng, tmp_
     with open(tmp_path / "src" / "config.json") as f:
         config = json.load(f)
     (tmp_path / "src" / "config.json").write_text(json.dumps({**config, "mm_vision_tower": str(tmp_path / "my-vit")}))
-    assert run_cli("--src", tmp_path / "src", "--dst", tmp_path / "local") == 0
+    assert run_cli("--checkpoint", tmp_path / "src", "--out", tmp_path / "local") == 0
     assert same_model(tmp_path / "local", cfg)
     # ... or a hub id whose config.json is in the local Hugging Face cache
     import huggingface_hub.constants
@@ -224,7 +224,7 @@ def test_tower_settings_from_an_override_a_local_tower_or_the_hf_cache(rng, tmp_
     (tmp_path / "hub" / "models--someone--tiny-vit" / "refs" / "main").write_text("abc123")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     (tmp_path / "src" / "config.json").write_text(json.dumps({**config, "mm_vision_tower": "someone/tiny-vit"}))
-    assert run_cli("--src", tmp_path / "src", "--dst", tmp_path / "cached") == 0
+    assert run_cli("--checkpoint", tmp_path / "src", "--out", tmp_path / "cached") == 0
     assert same_model(tmp_path / "cached", cfg)
 
 
@@ -261,7 +261,7 @@ def test_public_towers_named_in_config_json_give_their_settings(spec):
 def test_an_override_that_contradicts_the_checkpoint_is_refused(rng, tmp_path, capsys):
     write_layout(hf_llava(rng), tmp_path / "src", "new")
     (tmp_path / "towers.json").write_text(json.dumps({"clip": {"num_attention_heads": 2, "layer_norm_eps": 1e-5}}))
-    assert_refused(capsys, tmp_path, ["--src", tmp_path / "src", "--vision-config", tmp_path / "towers.json"],
+    assert_refused(capsys, tmp_path, ["--checkpoint", tmp_path / "src", "--vision-config", tmp_path / "towers.json"],
                    "contradicts", "num_attention_heads 2 (checkpoint: 4)")
 
 
@@ -281,4 +281,4 @@ def test_unsupported_or_bad_llava_config_fields_are_named(tmp_path, capsys, chan
         config[key] = {**config[key], **value} if isinstance(value, dict) else value
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "config.json").write_text(json.dumps(config))
-    assert_refused(capsys, tmp_path, ["--src", tmp_path / "src"], tmp_path / "src" / "config.json", needle)
+    assert_refused(capsys, tmp_path, ["--checkpoint", tmp_path / "src"], tmp_path / "src" / "config.json", needle)

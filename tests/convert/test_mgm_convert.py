@@ -59,9 +59,9 @@ def vision_config_args(tmp_path, cfg, **which):
 def test_round_trip_is_bit_exact(rng, tmp_path, kind, fmt, shards):
     cfg, state = mgm_checkpoint(rng, kind)
     write_original(tmp_path / "src", state, hf_config_from_mllm(cfg), fmt, shards)
-    assert run_cli("--src", tmp_path / "src", "--dst", tmp_path / "ours") == 0
+    assert run_cli("--checkpoint", tmp_path / "src", "--out", tmp_path / "ours") == 0
     assert gm.model_config(str(tmp_path / "ours" / "config.py")) == cfg
-    assert run_cli("--export", "--src", tmp_path / "ours", "--dst", tmp_path / "back") == 0
+    assert run_cli("--export", "--checkpoint", tmp_path / "ours", "--out", tmp_path / "back") == 0
     assert_same_tensors(tmp_path / "back", state)
     exported = json.load(open(tmp_path / "back" / "config.json"))
     assert exported["model_type"] == kind and exported["image_grid"] == cfg.image_grid
@@ -87,7 +87,7 @@ def test_router_stored_once_is_tied_on_load(rng, tmp_path):
     for i in rest:
         del state[f"model.layers.{i}.router.weight"]
     write_original(tmp_path / "src", state, original_config(cfg), "safetensors", 1)
-    assert run_cli("--src", tmp_path / "src", "--dst", tmp_path / "ours", *vision_config_args(tmp_path, cfg)) == 0
+    assert run_cli("--checkpoint", tmp_path / "src", "--out", tmp_path / "ours", *vision_config_args(tmp_path, cfg)) == 0
     router = np.asarray(load_checkpoint(str(tmp_path / "ours")).llm.router.kernel.get_value())
     np.testing.assert_array_equal(router, state[f"model.layers.{first}.router.weight"].numpy().T)
 
@@ -101,7 +101,7 @@ def test_bad_state_dict_names_every_offending_key(rng, tmp_path, capsys):
     state[bad] = torch.zeros(3, 3)
     state["model.vision_tower_aux.vision_stages.0.blocks.0.weight"] = torch.ones(8)  # LLaVA-HR's name
     write_original(tmp_path / "src", state, original_config(cfg), "safetensors", 2)
-    assert_refused(capsys, tmp_path, ["--src", tmp_path / "src", *vision_config_args(tmp_path, cfg)],
+    assert_refused(capsys, tmp_path, ["--checkpoint", tmp_path / "src", *vision_config_args(tmp_path, cfg)],
                    "missing keys (2)", *gone, "mis-shaped", bad,
                    "unexpected", "model.vision_tower_aux.vision_stages.0.blocks.0.weight")
 
@@ -118,5 +118,5 @@ def test_vision_settings_are_never_guessed(rng, tmp_path, capsys, field, value, 
     config[field] = value
     write_original(tmp_path / "src", state, config, "safetensors", 1)
     given = vision_config_args(tmp_path, cfg, clip=field != "mm_vision_tower", convnext=field != "mm_vision_tower_aux")
-    assert_refused(capsys, tmp_path, ["--src", tmp_path / "src", *given], tmp_path / "src" / "config.json", needle,
+    assert_refused(capsys, tmp_path, ["--checkpoint", tmp_path / "src", *given], tmp_path / "src" / "config.json", needle,
                    *(["--vision-config"] if "tower" in field else []))

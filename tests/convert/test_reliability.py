@@ -1,5 +1,5 @@
 """launch.convert on bad input: config.json fields of the wrong type, NaN / Inf and integer
-weights, index entries outside --src or not strings, temporary directories left by killed
+weights, index entries outside --checkpoint or not strings, temporary directories left by killed
 runs; our model checkpoints verified against their manifest."""
 
 import json
@@ -30,7 +30,7 @@ def source(rng, tmp_path):
 def refused(capsys, tmp_path, *args):
     """Runs the converter to tmp_path/out/ours, expects exit 2 and nothing left; returns stderr."""
     dst = tmp_path / "out" / "ours"
-    assert run_cli(*args, "--dst", dst) == 2
+    assert run_cli(*args, "--out", dst) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and not dst.exists()
     assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") == []
@@ -59,7 +59,7 @@ def test_config_fields_of_the_wrong_type_are_refused_before_any_tensor(source, c
     (tmp / "src").mkdir()
     (tmp / "src" / "config.json").write_text(json.dumps(config))
     (tmp / "src" / "model.safetensors").write_bytes(b"not a safetensors file: must not be opened")
-    err = refused(capsys, tmp, "--src", tmp / "src")
+    err = refused(capsys, tmp, "--checkpoint", tmp / "src")
     assert f"{tmp / 'src' / 'config.json'}: field {field!r}" in err
     assert expected in err and "safetensors" not in err
     if value != "missing":
@@ -71,7 +71,7 @@ def test_mod_layer_indices_are_checked(rng, tmp_path, capsys):
     config = hf_config_from_mllm(cfg)
     config["mod"]["mod_layers_idx"] = [1, "2"]
     write_original(tmp_path / "src", state, config)
-    err = refused(capsys, tmp_path, "--src", tmp_path / "src")
+    err = refused(capsys, tmp_path, "--checkpoint", tmp_path / "src")
     assert "'mod.mod_layers_idx'" in err and '[1, "2"]' in err and "[0, 4)" in err
 
 
@@ -82,9 +82,9 @@ def test_nonfinite_weights_are_an_error_unless_allowed(source, capsys, bad):
     state[key] = state[key].clone()
     state[key][0, 3] = bad
     write_original(tmp / "src", state, config)
-    err = refused(capsys, tmp, "--src", tmp / "src")
+    err = refused(capsys, tmp, "--checkpoint", tmp / "src")
     assert str(tmp / "src" / "model.safetensors") in err and key in err and "1 NaN/Inf" in err
-    assert run_cli("--src", tmp / "src", "--dst", tmp / "kept", "--allow-nonfinite") == 0
+    assert run_cli("--checkpoint", tmp / "src", "--out", tmp / "kept", "--allow-nonfinite") == 0
     kept = load_checkpoint(str(tmp / "kept"))
     up = np.asarray(kept.llm.layers[1].mlp.up_proj.kernel.get_value())
     assert int(np.count_nonzero(~np.isfinite(up))) == 1
@@ -95,7 +95,7 @@ def test_integer_weights_are_an_error(source, capsys):
     key = "model.norm.weight"
     state[key] = torch.ones_like(state[key], dtype=torch.int32)
     write_original(tmp / "src", state, config, "bin")
-    err = refused(capsys, tmp, "--src", tmp / "src")
+    err = refused(capsys, tmp, "--checkpoint", tmp / "src")
     assert key in err and "int32" in err and "floating point" in err
 
 
@@ -108,7 +108,7 @@ def test_index_entries_must_be_files_inside_src(source, capsys, entry, needle):
     index = json.loads(index_path.read_text())
     index["weight_map"]["model.norm.weight"] = entry
     index_path.write_text(json.dumps(index))
-    err = refused(capsys, tmp, "--src", tmp / "src")
+    err = refused(capsys, tmp, "--checkpoint", tmp / "src")
     assert str(index_path) in err and "model.norm.weight" in err and needle in err
 
 
@@ -123,7 +123,7 @@ def test_temporary_directories_of_killed_runs_are_removed_by_the_next_run(source
     for d in (dead, live):
         d.mkdir()
         (d / "junk").write_bytes(b"x" * 1000)
-    assert run_cli("--src", tmp / "src", "--dst", out / "ours") == 0
+    assert run_cli("--checkpoint", tmp / "src", "--out", out / "ours") == 0
     assert "left by an earlier write that was killed" in capsys.readouterr().out
     assert sorted(os.listdir(out)) == sorted(["ours", live.name])
 
@@ -136,7 +136,7 @@ def test_sigterm_during_a_conversion_leaves_nothing(source):
     # finish first, so try again (a few times at most: never a pass without a real signal).
     for attempt in range(5):
         out = tmp / f"out{attempt}"
-        proc = subprocess.Popen([sys.executable, "-m", "launch.convert", "--src", str(tmp / "src"), "--dst",
+        proc = subprocess.Popen([sys.executable, "-m", "launch.convert", "--checkpoint", str(tmp / "src"), "--out",
                                  str(out / "ours")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
         deadline = time.monotonic() + 120
@@ -164,6 +164,6 @@ def test_model_checkpoint_bit_rot_is_detected_on_load_and_export(tmp_path, capsy
     rel = os.path.relpath(victim, tmp_path / "ckpt")
     with pytest.raises(CheckpointIntegrityError, match=f"checkpoint {tmp_path / 'ckpt'}: file {rel} does not match"):
         load_checkpoint(str(tmp_path / "ckpt"))
-    assert run_cli("--export", "--src", tmp_path / "ckpt", "--dst", tmp_path / "hf") == 2
+    assert run_cli("--export", "--checkpoint", tmp_path / "ckpt", "--out", tmp_path / "hf") == 2
     err = capsys.readouterr().err
     assert rel in err and "Traceback" not in err and not (tmp_path / "hf").exists()

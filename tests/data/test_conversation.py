@@ -497,7 +497,7 @@ def test_move_image_to_front_command(tmp_path, capsys):
                {"id": 3, "conversations": turns("Text only?", "Yes.")}]
     src, dst = tmp_path / "in.json", tmp_path / "out" / "out.json"
     src.write_text(json.dumps(records))
-    assert main(["--src", str(src), "--dst", str(dst)]) == 0
+    assert main(["--data", str(src), "--out", str(dst)]) == 0
     assert "in 1 of 3 records" in capsys.readouterr().out
     out = json.loads(dst.read_text())
     assert out == [move_image_to_front(r) for r in records]
@@ -506,12 +506,12 @@ def test_move_image_to_front_command(tmp_path, capsys):
 
     bad = tmp_path / "bad.json"
     bad.write_text('[{"id": 1,')
-    assert main(["--src", str(bad), "--dst", str(tmp_path / "x.json")]) == 2
+    assert main(["--data", str(bad), "--out", str(tmp_path / "x.json")]) == 2
     err = capsys.readouterr().err
     assert str(bad) in err and "not valid JSON" in err
     assert not (tmp_path / "x.json").exists()
     bad.write_text('{"id": 1}')
-    assert main(["--src", str(bad), "--dst", str(tmp_path / "x.json")]) == 2
+    assert main(["--data", str(bad), "--out", str(tmp_path / "x.json")]) == 2
     assert "expected a JSON list" in capsys.readouterr().err
-    assert main(["--src", str(tmp_path / "missing.json"), "--dst", str(tmp_path / "x.json")]) == 2
+    assert main(["--data", str(tmp_path / "missing.json"), "--out", str(tmp_path / "x.json")]) == 2
     assert "missing.json: file not found" in capsys.readouterr().err

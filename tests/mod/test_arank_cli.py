@@ -134,7 +134,9 @@ def test_compute_arank_equals_numpy_on_the_probed_maps(dense):
     logs = []
     batches = batches_from_spec("random", dense.config, batch_size=2, num_samples=5, seed=11)
     stats = compute_arank(dense, batches, log=logs.append, num_samples=5)
-    assert logs == ["ARank: 2/5 samples", "ARank: 4/5 samples", "ARank: 5/5 samples"]
+    # one compile (the short last batch is filled up to the batch size), with its progress line
+    assert logs[0].startswith("compiling the ARank pass for batch shape (2, ") and logs[1].startswith("... done in")
+    assert logs[2:] == ["ARank: 2/5 samples", "ARank: 4/5 samples", "ARank: 5/5 samples"]
     want = numpy_arank(dense, concat(batches_from_spec("random", dense.config, batch_size=5, num_samples=5, seed=11)))
     assert [s["layer"] for s in stats] == list(range(NUM_LAYERS))
     for layer, s in enumerate(stats):
@@ -204,7 +206,7 @@ def test_adapt_cli_gives_a_gamma_mod_checkpoint_equal_to_dense_when_every_token_
         dense, dense_ckpt, tmp_path, capsys, rng):
     arank = fake_report(tmp_path / "arank.json", [9.0, 3.0, 2.0, 8.0], keep_dense=2)  # MoD: 1, 2
     dst = str(tmp_path / "gamma")
-    code, stdout, stderr = run_cli(adapt_cli.main, ["--src", dense_ckpt, "--arank", arank, "--dst", dst,
+    code, stdout, stderr = run_cli(adapt_cli.main, ["--checkpoint", dense_ckpt, "--arank", arank, "--out", dst,
                                                     "--routing-ratio", "0.25"], capsys)
     assert code == 0, stderr
     assert "γ-MoD layers [1, 2], dense layers [0, 3]" in stdout
@@ -227,12 +229,12 @@ def test_adapt_cli_gives_a_gamma_mod_checkpoint_equal_to_dense_when_every_token_
     assert np.asarray(b.mod_aux["selected"]).all()
     np.testing.assert_allclose(np.asarray(b.logits), np.asarray(a.logits), rtol=1e-6, atol=1e-6)
 
-    # Reselection from the report's statistics; --dst must be new.
+    # Reselection from the report's statistics; --out must be new.
     dst2 = str(tmp_path / "gamma_k3")
-    assert run_cli(adapt_cli.main, ["--src", dense_ckpt, "--arank", arank, "--dst", dst2, "--keep-dense", "3"],
+    assert run_cli(adapt_cli.main, ["--checkpoint", dense_ckpt, "--arank", arank, "--out", dst2, "--keep-dense", "3"],
                    capsys)[0] == 0
     assert load_checkpoint(dst2).config.mod.layers == (2,)
-    code, _, stderr = run_cli(adapt_cli.main, ["--src", dense_ckpt, "--arank", arank, "--dst", dst2], capsys)
+    code, _, stderr = run_cli(adapt_cli.main, ["--checkpoint", dense_ckpt, "--arank", arank, "--out", dst2], capsys)
     assert code == 2 and "already exists" in stderr
 
 
@@ -269,7 +271,7 @@ def test_adapt_cli_refuses_bad_arank_files(dense_ckpt, tmp_path, capsys):
     report = json.loads(open(fake_report(tmp_path / "ok.json", [9.0, 3.0, 2.0, 8.0])).read())
     cases = {
         "layer40.json": (json.dumps({**report, "mod_layers": [1, 40]}),
-                         "'mod_layers': layer 40 does not exist: the model has 4 layers"),
+                         "'mod_layers': layer(s) [40] do not exist: the model has 4 layers"),
         "broken.json": ("{\"layers\": [", "not valid JSON"),
         "nokeys.json": (json.dumps({"format": ARANK_FORMAT, "layers": []}), "missing key(s) ['mod_layers', 'dense_layers']"),
         "all.json": (json.dumps({**report, "mod_layers": [0, 1, 2, 3], "dense_layers": []}), "at least one must stay dense"),
@@ -278,11 +280,11 @@ def test_adapt_cli_refuses_bad_arank_files(dense_ckpt, tmp_path, capsys):
         path = tmp_path / name
         path.write_text(text)
         dst = tmp_path / f"out_{name}"
-        code, _, err = run_cli(adapt_cli.main, ["--src", dense_ckpt, "--arank", str(path), "--dst", str(dst)], capsys)
+        code, _, err = run_cli(adapt_cli.main, ["--checkpoint", dense_ckpt, "--arank", str(path), "--out", str(dst)], capsys)
         assert code == 2 and err.startswith(f"error: {path}") and message in err, (name, err)
         assert err.count("\n") == 1 and not dst.exists()
     assert mod_layers_from_arank_json(str(tmp_path / "ok.json"), num_layers=4, threshold=5.0) == (1, 2)
-    with pytest.raises(ValueError, match="five.json: 'layers': layer 4 does not exist: the model has 4 layers"):
+    with pytest.raises(ValueError, match=r"five.json: 'layers': layer\(s\) \[4\] do not exist: the model has 4 layers"):
         mod_layers_from_arank_json(fake_report(tmp_path / "five.json", [1.0] * 5), num_layers=4, keep_dense=1)
 
 

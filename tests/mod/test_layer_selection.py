@@ -128,20 +128,20 @@ def test_an_empty_selection_is_exit_2_before_any_weight_is_read(dense_dir, tmp_p
     (hollow / "gamma_mod_jax_manifest.json").unlink()
     all_dense = arank_json(tmp_path / "a.json", [4.0, 3.0, 2.0, 1.0], threshold=0.0)
     for main in (adapt_cli.main, convert_cli.main):
-        code, _, err = run_cli(main, ["--src", hollow, "--arank", all_dense, "--dst", tmp_path / "out"], capsys)
+        code, _, err = run_cli(main, ["--checkpoint", hollow, "--arank", all_dense, "--out", tmp_path / "out"], capsys)
         assert code == 2 and err.startswith(f"error: {all_dense}: the selection has no γ-MoD layers"), err
         assert err.count("\n") == 1 and not (tmp_path / "out").exists()
-        code, _, err = run_cli(main, ["--src", hollow, "--mod-layers", "2-9", "--dst", tmp_path / "out"], capsys)
+        code, _, err = run_cli(main, ["--checkpoint", hollow, "--mod-layers", "2-9", "--out", tmp_path / "out"], capsys)
         assert code == 2 and "layer(s) [4, 5, 6, 7, 8, 9] do not exist: the model has 4 layers" in err, err
 
 
 def test_mod_layers_by_hand_through_adapt_and_convert(dense_dir, tmp_path, capsys):
-    code, out, err = run_cli(adapt_cli.main, ["--src", dense_dir, "--mod-layers", "1-2", "--dst", tmp_path / "a",
+    code, out, err = run_cli(adapt_cli.main, ["--checkpoint", dense_dir, "--mod-layers", "1-2", "--out", tmp_path / "a",
                                               "--routing-ratio", "0.25"], capsys)
     assert code == 0, err
     assert "γ-MoD layers [1, 2], dense layers [0, 3]" in out
     assert load_checkpoint(str(tmp_path / "a")).config.mod == MoDConfig(layers=(1, 2), routing_ratio=0.25)
-    code, out, err = run_cli(convert_cli.main, ["--src", dense_dir, "--mod-layers", "3", "--dst", tmp_path / "c"],
+    code, out, err = run_cli(convert_cli.main, ["--checkpoint", dense_dir, "--mod-layers", "3", "--out", tmp_path / "c"],
                              capsys)
     assert code == 0, err
     assert json.loads(out.strip().splitlines()[-1])["mod_layers"] == [3]

@@ -62,5 +62,5 @@ def result_line(stdout: str) -> dict:
 def train_args(workdir: str, *overrides: str, recipe: str = "llava15_7b_mod0.3,tiny") -> list:
     """launch.train arguments for the tiny recipe on the synthetic data source."""
     return ["--config", f"configs/train.py:{recipe}", "--workdir", workdir,
-            "--data_iterator", "tests.parallel.synthetic_data:make_iterator",
-            "--config.train.tensorboard=False", "--config.train.progress_bar=False", "--verbosity=-1", *overrides]
+            "--data-iterator", "tests.parallel.synthetic_data:make_iterator",
+            "--config.train.tensorboard=False", "--config.train.progress_bar=False", *overrides]

@@ -1,6 +1,6 @@
 """The real Grain pipeline for the multi-process tests, logging what each process gets:
 `make_iterator(config, model_cfg)` is a trainer `make_data_iterator`
-(`python -m launch.train --data_iterator tests.parallel.shape_logging_data:make_iterator`)
+(`python -m launch.train --data-iterator tests.parallel.shape_logging_data:make_iterator`)
 returning `make_train_iterator_from_config`'s iterator wrapped so that every batch
 appends one JSON line {"global_batch", "shapes", "ids"} to
 $GMJ_TEST_SHAPES_DIR/shapes.process_<i>-of-<n>.jsonl."""

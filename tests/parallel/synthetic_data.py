@@ -2,7 +2,7 @@
 step n is the same whatever the number of processes; each process serves its rows.
 
 `make_iterator(config, model_cfg)` is a trainer `make_data_iterator`
-(`python -m launch.train --data_iterator tests.parallel.synthetic_data:make_iterator`):
+(`python -m launch.train --data-iterator tests.parallel.synthetic_data:make_iterator`):
 global batch = config.data.batch_size x jax.process_count(), process p serving rows
 [p * batch_size, (p + 1) * batch_size). Checkpointable (get_state / set_state).
 

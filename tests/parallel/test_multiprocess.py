@@ -62,6 +62,15 @@ def test_tensor_axis_spanning_both_processes(tmp_path):
     assert "all-gathered between processes" in proc.stdout + proc.stderr
     one_process(tmp_path / "1x1", 1)
     assert_same_losses(losses(tmp_path / "t8"), losses(tmp_path / "1x1"))
+    # Both processes wrote the final model together (each its shards of the tensor axis): it
+    # holds the last checkpoint's weights.
+    from gamma_mod_jax.convert.checkpoint import load_checkpoint
+    from gamma_mod_jax.convert.manifest import verify_manifest
+    from tests.test_workflow import assert_same_params
+
+    assert verify_manifest(str(tmp_path / "t8" / "model")) is None
+    assert_same_params(load_checkpoint(str(tmp_path / "t8" / "model")),
+                       load_checkpoint(str(tmp_path / "t8" / "checkpoints" / str(STEPS))))
 
 
 def test_a_dying_process_stops_the_job_with_a_clear_error(tmp_path):

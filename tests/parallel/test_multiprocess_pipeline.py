@@ -25,8 +25,8 @@ EASY_VQA_BUCKETS = (58, 60, 62, 64)
 
 def _args(workdir, data_args, batch_size):
     return ["--config", "configs/train.py:llava15_7b_mod0.3,tiny", "--workdir", str(workdir),
-            "--data_iterator", "tests.parallel.shape_logging_data:make_iterator",
-            "--config.train.tensorboard=False", "--config.train.progress_bar=False", "--verbosity=-1",
+            "--data-iterator", "tests.parallel.shape_logging_data:make_iterator",
+            "--config.train.tensorboard=False", "--config.train.progress_bar=False",
             f"--config.data.batch_size={batch_size}", *data_args]
 
 

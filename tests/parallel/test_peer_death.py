@@ -26,8 +26,8 @@ def test_survivor_of_a_dead_peer_exits_2_naming_it(tmp_path):
     for index in range(2):
         args = [sys.executable, "-m", "launch.train",
                 *train_args(str(tmp_path / "run"), "--config.data.batch_size=2", "--config.train.num_steps=6"),
-                f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={index}",
-                f"--heartbeat_timeout={heartbeat}"]
+                f"--coordinator-address=127.0.0.1:{port}", "--num-processes=2", f"--process-id={index}",
+                f"--heartbeat-timeout={heartbeat}"]
         procs.append(subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))
     try:

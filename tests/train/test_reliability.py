@@ -19,7 +19,7 @@ from tests.train.test_trainer import losses, synthetic_iterator, tiny_config
 
 
 def synthetic_data(config, model_cfg):
-    """--data_iterator target for launcher subprocesses: the trainer tests' synthetic data."""
+    """--data-iterator target for launcher subprocesses: the trainer tests' synthetic data."""
     return synthetic_iterator(2)(config, model_cfg)
 
 
@@ -105,7 +105,7 @@ def test_unwritable_checkpoints_directory_is_an_error_before_training(tmp_path):
         train(tiny_config(), str(tmp_path), make_data_iterator=synthetic_iterator(2), log=lambda *_: None)
     result = subprocess.run(
         [sys.executable, "-m", "launch.train", "--config", "configs/train.py:llava_hr_7b_mod0.5,tiny",
-         "--workdir", str(tmp_path), "--data_iterator", "tests.train.test_reliability:synthetic_data"],
+         "--workdir", str(tmp_path), "--data-iterator", "tests.train.test_reliability:synthetic_data"],
         env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.getcwd()), capture_output=True, text=True,
         timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]
@@ -169,7 +169,7 @@ def test_a_full_disk_during_a_save_is_exit_2_naming_the_path_and_the_previous_ch
     train(tiny_config(num_steps=2), str(workdir), make_data_iterator=synthetic_iterator(2), log=lambda *_: None)
     command = [sys.executable, "-m", "launch.train", "--config", "configs/train.py:llava_hr_7b_mod0.5,tiny",
                "--workdir", str(workdir), "--config.train.num_steps=4", "--config.train.checkpoint_every=2",
-               "--data_iterator", "tests.train.test_reliability:synthetic_data"]
+               "--data-iterator", "tests.train.test_reliability:synthetic_data"]
     # SIGXFSZ ignored: a write past the limit fails with EFBIG instead of killing the process
     result = subprocess.run(["bash", "-c", f"trap '' XFSZ; ulimit -f 195; exec {shlex.join(command)}"],
                             env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.getcwd()), capture_output=True,

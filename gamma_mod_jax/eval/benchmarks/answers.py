@@ -14,10 +14,11 @@ import csv
 import json
 import os
 import uuid
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 from gamma_mod_jax.eval.benchmarks.readers import OPTION_LETTERS, Benchmark, Question
 from gamma_mod_jax.eval.benchmarks.scoring import normalise_vqa_answer
+from gamma_mod_jax.io_utils import atomic_write
 
 _NAMESPACE = uuid.UUID("5c3f2b8e-6a51-4a0e-9a43-0d1b7a6e2f10")
 
@@ -55,10 +56,8 @@ class AnswerFile:
                     if line.endswith("\n"):
                         self.done[key] = record
                         good.append(line)
-            tmp = path + ".partial"
-            with open(tmp, "w", encoding="utf-8") as f:
+            with atomic_write(path) as f:
                 f.writelines(good)
-            os.replace(tmp, path)
         self._file = open(path, "a", encoding="utf-8")
 
     def append(self, records: List[dict]) -> None:
@@ -73,10 +72,8 @@ class AnswerFile:
 
 
 def _dump(path: str, doc) -> str:
-    tmp = path + ".partial"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(path) as f:
         json.dump(doc, f)
-    os.replace(tmp, path)
     return path
 
 

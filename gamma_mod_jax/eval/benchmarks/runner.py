@@ -8,6 +8,7 @@ and per-prompt routing counts out.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -23,8 +24,10 @@ from gamma_mod_jax.eval.benchmarks import readers
 from gamma_mod_jax.eval.benchmarks.answers import AnswerFile, answer_record, write_submission
 from gamma_mod_jax.eval.benchmarks.report import routing_summary
 from gamma_mod_jax.eval.benchmarks.scoring import score_benchmark
+from gamma_mod_jax.io_utils import atomic_write
+from gamma_mod_jax.progress import progress
+from gamma_mod_jax.token_types import IMAGE_TOKEN_INDEX
 
-IMAGE_TOKEN_INDEX = -200
 GENERATION_KEYS = ("input_ids", "attention_mask", "token_types", "pixel_values")
 
 
@@ -101,7 +104,9 @@ class Answerer:
         from gamma_mod_jax.models.generate import generate
 
         start = time.perf_counter()
-        tokens = np.asarray(generate(self.model, device_batch, max_new_tokens=self.max_new_tokens, eos_id=self.eos))
+        with progress(f"compiling generation for batch shape {shape}") if compiled else contextlib.nullcontext():
+            tokens = np.asarray(generate(self.model, device_batch, max_new_tokens=self.max_new_tokens,
+                                         eos_id=self.eos))
         seconds = time.perf_counter() - start
         texts = [self.tokenizer.decode([int(t) for t in row if int(t) != self.eos], skip_special_tokens=True).strip()
                  for row in tokens[:len(examples)]]
@@ -128,10 +133,8 @@ def _merge_skips(path: str, current: Dict[str, Dict[str, str]]) -> Dict[str, Dic
             merged = {}
     for reason, items in current.items():
         merged.setdefault(reason, {}).update(items)
-    tmp = path + ".partial"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(path) as f:
         json.dump(merged, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
     return merged
 
 
