@@ -20,7 +20,6 @@ and layer choices.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil

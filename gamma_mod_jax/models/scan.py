@@ -64,11 +64,6 @@ def scan_stack(stack: nnx.Module, body: Callable, carry, xs=None, *, remat: bool
     return jax.lax.scan(step, carry, (state, xs))
 
 
-def stack_count(stack: nnx.Module) -> int:
-    """Layers in a stacked run (the leading axis of its parameters)."""
-    return jax.tree.leaves(nnx.state(stack, nnx.Param))[0].shape[0]
-
-
 def unstack(tree, count: int) -> list:
     """[tree[j] for each of the `count` layers] of a tree with a leading layer axis."""
     return [jax.tree.map(lambda a, j=j: a[j], tree) for j in range(count)]
