@@ -166,25 +166,31 @@ def _forward_fn(model, routing):
     return forward
 
 
-def _distill_step(gamma, dense, tx, coef: float, answer_rows):
-    """The γ-MoD training step with distillation from the dense model (train/distill.py):
-    LM + routing loss + coef x KL(dense || γ-MoD) on the answer tokens (`answer_rows`,
-    their sequence indices, the same in every example of the benchmark layout). The
-    teacher's parameters are a step argument outside the gradient and the optimizer; its
-    LM head runs on the answer rows only."""
-    student, teacher = _forward_fn(gamma, "capacity"), nnx.graphdef(dense)
-
+def _train_step(forward, mod, tx, teacher=None):
+    """A jitted training step (forward + backward + optimizer update) of `forward`: LM loss +
+    routing loss. teacher: (graphdef, answer_rows, coef) adds coef x KL(teacher || student)
+    on the answer tokens (`answer_rows`, their sequence indices, the same in every example
+    of the benchmark layout), distillation as train/distill.py does it; the step then takes
+    the teacher's parameters as a fourth argument, outside the gradient and the optimizer,
+    and the teacher's LM head runs on the answer rows only."""
     def loss_fn(p, x, teacher_logits, rows):
-        logits, _, aux = student(p, x)
+        logits, _, aux = forward(p, x)
+        loss = lm_loss(logits, x["labels"]) + total_routing_loss(aux, mod)
+        if teacher_logits is None:
+            return loss
         answer_logits = jnp.take_along_axis(logits, rows[..., None], axis=1)
         kl_sum, count = tempered_kl(teacher_logits, answer_logits, jnp.ones(rows.shape, bool), 1.0, "forward")
-        return lm_loss(logits, x["labels"]) + total_routing_loss(aux, gamma.mod) + coef * kl_sum / count
+        return loss + teacher[2] * kl_sum / count
 
-    def step(p, opt_state, x, teacher_params):
-        rows = jnp.broadcast_to(jnp.asarray(answer_rows, jnp.int32), (x["types"].shape[0], len(answer_rows)))
-        teacher_logits, _, _ = nnx.merge(teacher, teacher_params)(
-            inputs_embeds=x["embeds"], attention_mask=x["mask"], token_types=x["types"], logit_rows=rows)
-        loss, grads = jax.value_and_grad(loss_fn)(p, x, jax.lax.stop_gradient(teacher_logits), rows)
+    def step(p, opt_state, x, teacher_params=None):
+        teacher_logits = rows = None
+        if teacher is not None:
+            graphdef, answer_rows, _ = teacher
+            rows = jnp.broadcast_to(jnp.asarray(answer_rows, jnp.int32), (x["types"].shape[0], len(answer_rows)))
+            teacher_logits, _, _ = nnx.merge(graphdef, teacher_params)(
+                inputs_embeds=x["embeds"], attention_mask=x["mask"], token_types=x["types"], logit_rows=rows)
+            teacher_logits = jax.lax.stop_gradient(teacher_logits)
+        loss, grads = jax.value_and_grad(loss_fn)(p, x, teacher_logits, rows)
         updates, opt_state = tx.update(grads, opt_state, p)
         return optax.apply_updates(p, updates), opt_state, loss
 
@@ -321,21 +327,13 @@ def run_benchmark(config, log=print, checkpoint_model=None) -> dict:
                 fn = jax.jit(lambda p, x, forward=forward: forward(p, x)[0])
                 args[name] = (params, inputs)
             else:
-                def loss_fn(p, x, forward=forward):
-                    logits, _, aux = forward(p, x)
-                    return lm_loss(logits, x["labels"]) + total_routing_loss(aux, gamma.mod)
-
-                def step(p, opt_state, x, loss_fn=loss_fn):
-                    loss, grads = jax.value_and_grad(loss_fn)(p, x)
-                    updates, opt_state = tx.update(grads, opt_state, p)
-                    return optax.apply_updates(p, updates), opt_state, loss
-
-                fn = jax.jit(step)
                 args[name] = (params, tx.init(params), inputs)
+                teacher = None
                 if name == "gamma_mod_distill":
                     answer_rows = np.nonzero(np.asarray(inputs["types"][0]) == tt.ANSWER)[0]
-                    fn = _distill_step(gamma, dense, tx, distill_coef, answer_rows)
+                    teacher = (nnx.graphdef(dense), answer_rows, distill_coef)
                     args[name] += (nnx.state(dense, nnx.Param),)
+                fn = _train_step(forward, gamma.mod, tx, teacher)
             with attention_implementation(attention) if attention else contextlib.nullcontext():
                 fns[name], compile_s = _compile(fn, args[name], f"{phase} ({name})", log)
             compiled_info[name] = {"compile_s": compile_s, **_memory(fns[name])}
@@ -347,7 +345,7 @@ def run_benchmark(config, log=print, checkpoint_model=None) -> dict:
             kept = np.asarray(aux["selected"]).sum(-1).mean(-1)  # mean kept count per MoD layer
         flops = {"dense": dense_flops, "gamma_mod": gamma_flops,
                  "gamma_mod_threshold": forward_flops(config, kept)[1] if kept is not None else None,
-                 # the student's step plus one teacher forward
+                 # the student's step plus one teacher forward (its LM head counted at every position)
                  "gamma_mod_distill": gamma_flops + dense_flops / 3}
         for name, timing in timings.items():
             timing.update(compiled_info[name])
