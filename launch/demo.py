@@ -402,7 +402,6 @@ def main(argv=None):
     mod_config.init_checkpoint = dense_dir
     mod_config.train.num_steps = demo.mod_steps
     mod_config.optim.learning_rate = demo.mod_learning_rate
-    mod_config.data.update(demo.mod_data.to_dict())
     gamma_run = train(mod_config, os.path.join(out, "gamma_mod"))
     gamma = nnx.merge(gamma_run["graphdef"], gamma_run["state"].params, gamma_run["rest"])
     save_checkpoint(os.path.join(out, "gamma_mod_model"), gamma)
