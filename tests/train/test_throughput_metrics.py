@@ -9,7 +9,7 @@ from gamma_mod_jax import api as gm
 from gamma_mod_jax.mod.flops import train_step_flops
 from gamma_mod_jax.train import trainer as trainer_lib
 from gamma_mod_jax.train.metrics import peak_bf16_flops, read_metrics
-from tests.train.test_trainer import synthetic_iterator, tiny_config
+from tests.train.test_trainer import ForwardingIterator, synthetic_iterator, tiny_config
 
 
 def test_train_step_flops_match_a_hand_count():
@@ -54,21 +54,15 @@ def recording_uint8_iterator(events):
     def make(config, model_cfg):
         inner = make_inner(config, model_cfg)
 
-        class Recording:
+        class Recording(ForwardingIterator):
             def __next__(self):
                 events.append("draw")
-                batch = dict(next(inner))
+                batch = dict(next(self.inner))
                 rng = np.random.default_rng(int(batch["input_ids"].sum()))
                 batch["pixel_values"] = rng.integers(0, 256, batch["pixel_values"].shape, dtype=np.uint8)
                 return batch
 
-            def get_state(self):
-                return inner.get_state()
-
-            def set_state(self, state):
-                inner.set_state(state)
-
-        return Recording()
+        return Recording(inner)
     return make
 
 

@@ -37,6 +37,23 @@ def synthetic_iterator(batch_size, seed=0, poison=(), size=64):
     return make
 
 
+class ForwardingIterator:
+    """A test iterator around `inner` whose checkpointed state is the inner one's (the
+    trainer saves and restores it); subclasses change only what `__next__` does."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __next__(self):
+        return next(self.inner)
+
+    def get_state(self):
+        return self.inner.get_state()
+
+    def set_state(self, state):
+        self.inner.set_state(state)
+
+
 def tiny_config(recipe="llava_hr_7b_mod0.5,tiny", **train):
     config = load_config(f"configs/train.py:{recipe}")
     config.train.update(train)
@@ -171,22 +188,16 @@ def terminating_iterator(make_inner, at_draw):
     def make(config_, model_cfg):
         inner = make_inner(config_, model_cfg)
 
-        class Terminating:
+        class Terminating(ForwardingIterator):
             drawn = 0
 
             def __next__(self):
                 Terminating.drawn += 1
                 if Terminating.drawn == at_draw:
                     os.kill(os.getpid(), signal.SIGTERM)
-                return next(inner)
+                return next(self.inner)
 
-            def get_state(self):
-                return inner.get_state()
-
-            def set_state(self, state):
-                inner.set_state(state)
-
-        return Terminating()
+        return Terminating(inner)
     return make
 
 
